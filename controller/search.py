@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures as futures
 import dataclasses
-import functools
 import json
 import math
 import multiprocessing
@@ -48,7 +47,7 @@ from nos_sym.controller.algorithms import ALGORITHMS as ALGORITHM_CLASSES
 from nos_sym.controller.algorithms import Algorithm, make_algorithm
 from nos_sym.controller.policy import Samples
 from nos_sym.controller.space import SPACES, get_space
-from nos_sym.dsl import Rule, parse
+from nos_sym.dsl import Rule, as_rule, parse
 from nos_sym.evaluation.datasets import DATASETS
 from nos_sym.evaluation.protocol import PROTOCOLS, get_protocol
 from nos_sym.evaluation.store import Claim, Record, RewardStore
@@ -579,7 +578,7 @@ class SearchRun:
         batch = _Batch(step=0, samples=samples)  # numbered by run()
         jobs: list[tuple[dict, futures.Future]] = []
         for dsl in samples.dsl:
-            pending = self._classify(_parse(dsl), paid, jobs)
+            pending = self._classify(as_rule(dsl), paid, jobs)
             if pending is None:  # the budget is spent: the batch ends here
                 break
             paid += pending.outcome == "evaluated"
@@ -678,12 +677,6 @@ class _LoggedRecord:
 
     status: str
     reward: float
-
-
-@functools.lru_cache(maxsize=65_536)
-def _parse(dsl: str) -> Rule:
-    """``parse``, remembered: a controller keeps re-sampling the rules it likes."""
-    return parse(dsl)
 
 
 def _finite(value: float) -> float:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from nos_sym.dsl import Rule, parse
+from nos_sym.dsl import Rule, as_rule
 from nos_sym.evaluation import datasets
 from nos_sym.evaluation.child import ChildNet, StackedChild, init_child
 from nos_sym.evaluation.protocol import Protocol, derived_seed, epoch_order, get_protocol
@@ -348,10 +348,6 @@ def _rule_generator(rule: Rule, seed: int, device: torch.device) -> torch.Genera
     return torch.Generator(device).manual_seed(derived_seed(seed, "rule"))
 
 
-def _parsed(rule: Rule | str) -> Rule:
-    return rule if isinstance(rule, Rule) else parse(rule)
-
-
 def _unscored(
     dsl: str, key: str, status: str, message: str, protocol: Protocol, seed: int, device: str
 ) -> EvalResult:
@@ -371,7 +367,7 @@ def _unscored(
 def _screen(rule: Rule | str, protocol: Protocol, seed: int, device: str) -> Rule | EvalResult:
     """The parsed rule, or the result of a rule that needs no training (unparsable, degenerate)."""
     try:
-        parsed = _parsed(rule)
+        parsed = as_rule(rule)
     except Exception as error:
         return _unscored(str(rule), "", "failed", _message(error), protocol, seed, device)
     if parsed.is_degenerate:

@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
-from functools import cache, cached_property
+from functools import cache, cached_property, lru_cache
 
 import lark
 import sympy as sp
@@ -333,4 +333,19 @@ def parse(text: str) -> Rule:
     return Rule(dsl=dsl, groups=groups, sympy=expr, key=canonical_key(expr))
 
 
-__all__ = ["CANONICAL_VERSION", "DSLSyntaxError", "Rule", "canonical_key", "parse"]
+@lru_cache(maxsize=65_536)
+def _parse_cached(text: str) -> Rule:
+    return parse(text)
+
+
+def as_rule(rule: Rule | str) -> Rule:
+    """A :class:`Rule` as it is, or DSL text parsed (remembered: searches and sweeps keep
+    meeting the same strings). The one place where ``Rule | str`` is coerced."""
+    if isinstance(rule, Rule):
+        return rule
+    if isinstance(rule, str):
+        return _parse_cached(rule)
+    raise TypeError(f"rule must be a DSL string or a Rule, got {type(rule).__name__}")
+
+
+__all__ = ["CANONICAL_VERSION", "DSLSyntaxError", "Rule", "as_rule", "canonical_key", "parse"]

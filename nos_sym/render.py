@@ -262,9 +262,9 @@ def write_png(graph: nx.DiGraph, path: Path, title: str) -> None:
 
 def draw_tree(rule: Rule | str, path: str | Path, view: str = "expr") -> Path:
     """Write the tree of a rule to ``path``: PNG (matplotlib) or DOT, chosen by the extension."""
-    from nos_sym.dsl import parse
+    from nos_sym.dsl import as_rule
 
-    rule = parse(rule) if isinstance(rule, str) else rule
+    rule = as_rule(rule)
     path = Path(path)
     graph = rule.tree(view)
     writers = {".png": write_png, ".dot": write_dot, ".gv": write_dot}

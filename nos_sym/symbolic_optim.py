@@ -26,21 +26,13 @@ from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
 from nos_sym import primitives as P
 from nos_sym.compile import Foreach, Program, optimizer_program, run
-from nos_sym.dsl import Rule, parse
+from nos_sym.dsl import Rule, as_rule
 
 STATE_NAME = {"m": "exp_avg", "v": "exp_avg_sq", "gamma": "exp_avg_cube"}
 """Optimizer-state key of each running average (torch.optim.Adam's names for m and v)."""
 
 _DECAYS = {"ld": P.linear_decay, "cd": P.cosine_decay, "rd": P.restart_decay}
 _BETA = {"m": P.BETA1, "v": P.BETA2, "gamma": P.BETA3}
-
-
-def _as_rule(rule: Rule | str) -> Rule:
-    if isinstance(rule, Rule):
-        return rule
-    if isinstance(rule, str):
-        return parse(rule)
-    raise TypeError(f"rule must be a DSL string or a Rule, got {type(rule).__name__}")
 
 
 def check_total_steps(rule: Rule, total_steps: int | None) -> None:
@@ -157,7 +149,7 @@ def symbolic_update(
     ``lr`` may be a tensor: a 1-D tensor of K learning rates applies slice-wise to parameters
     stacked along their first dimension (K models trained at once).
     """
-    rule = _as_rule(rule)
+    rule = as_rule(rule)
     check_total_steps(rule, total_steps)
     program = optimizer_program(rule.sympy)
     for param, state in zip(params, states, strict=True):
@@ -261,7 +253,7 @@ class SymbolicOptimizer(Optimizer):
     ):
         if not isinstance(lr, float | int) or isinstance(lr, bool) or not lr >= 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
-        self.rule = _as_rule(rule)
+        self.rule = as_rule(rule)
         check_total_steps(self.rule, total_steps)
         self.total_steps = total_steps
         self.generator = generator

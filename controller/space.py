@@ -1,6 +1,6 @@
 """Search spaces: which token strings the controller may emit.
 
-A rule with n groups is a string of 5·n tokens ``op1 op2 u1 u2 b`` per group (DSL.md). Position
+A rule with n groups is a string of 5·n tokens ``op1 op2 u1 u2 b`` per group (docs/dsl.md). Position
 p = 5·(k−1) + j belongs to group k and slot j; its vocabulary is
 
 * operand slots: the space's operands followed by the bank ``o1 … o_{k−1}`` (grammar: only

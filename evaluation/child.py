@@ -6,7 +6,7 @@ max-pool after each convolution and end with flatten + one linear layer:
 
     x → conv3×3(32) → BN → maxpool2×2 → ReLU → conv3×3(32) → BN → maxpool2×2 → ReLU → linear
 
-Why pooling (measured, see ``docs/readme/evaluation.md``): with a global-average-pool head the net
+Why pooling (measured, see ``docs/evaluation.md``): with a global-average-pool head the net
 learns too slowly for 5 epochs (Fashion-MNIST rewards 0.20–0.73, Adam collapses) and costs twice as
 much time; with the pooled head every standard optimizer reaches 0.87–0.88, so rewards separate
 good rules from bad ones.

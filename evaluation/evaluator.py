@@ -8,8 +8,9 @@ same initialisation and sees the examples in the same order, both drawn from ``s
 
 :func:`evaluate` scores one rule on the CPU (or any device) one run after another;
 :func:`evaluate_batch` trains many rules × learning rates at once as one stacked model (a GPU
-technique: on the CPU stacking is slower, see the README) and agrees with :func:`evaluate` up to
-float rounding. :func:`evaluate_optimizer` scores any ``torch.optim`` factory (the baselines).
+technique: on the CPU stacking is slower, see ``docs/evaluation.md``) and agrees with
+:func:`evaluate` up to float rounding. :func:`evaluate_optimizer` scores any ``torch.optim``
+factory (the baselines).
 
 Speed on the CPU comes from: the data resident as one normalised tensor per dataset and split
 (cached in-process), each epoch gathered once into a shuffled copy so batches are contiguous

@@ -1,9 +1,9 @@
 r"""Named update rules in the DSL: the paper's optimizers, its Table 1 and the usual baselines.
 
-``PRESETS`` maps a name to a DSL string (DSL.md, :mod:`nos_sym.dsl`), ``DESCRIPTIONS`` the same
-name to a one-line description, and ``TABLE1`` lists, in the paper's order, the names of the 16
-rules that Neural Optimizer Search found and Table 1 of Bello et al. (ICML 2017) reports on the
-Wide ResNet.
+``PRESETS`` maps a name to a DSL string (``docs/dsl.md``, :mod:`nos_sym.dsl`), ``DESCRIPTIONS``
+the same name to a one-line description, and ``TABLE1`` lists, in the paper's order, the names of
+the 16 rules that Neural Optimizer Search found and Table 1 of Bello et al. (ICML 2017) reports on
+the Wide ResNet.
 :func:`preset` looks a name up with an error that lists the known names.
 
 Notation, as in the paper: :math:`s = \operatorname{sign}(g)\operatorname{sign}(\hat m)`,

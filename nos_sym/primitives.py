@@ -1,6 +1,6 @@
 """The one table of DSL primitives.
 
-Every token of the update-rule language (``../shared/DSL.md``) is one row of :data:`PRIMITIVES`:
+Every token of the update-rule language (``docs/dsl.md``) is one row of :data:`PRIMITIVES`:
 its kind (operand, unary or binary function), how it builds a SymPy expression, how it computes
 on torch tensors, how it prints in LaTeX, and its flags. The grammar's terminals, the
 canonicalizer, the LaTeX printer, the tree view, the torch compiler and the controller's
@@ -37,7 +37,7 @@ import torch
 from nos_sym import sign_decay
 
 # --------------------------------------------------------------------------------------------
-# Constants of the language (DSL.md)
+# Constants of the language (docs/dsl.md)
 # --------------------------------------------------------------------------------------------
 EPSILON = 1e-8
 BETA1, BETA2, BETA3 = 0.9, 0.999, 0.999

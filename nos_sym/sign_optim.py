@@ -256,7 +256,7 @@ PowerSign.__doc__ = rf"""Implements PowerSign (Bello et al., 2017, arXiv:1709.07
     decay the multiplier tends to 1 and PowerSign to SGD. Only ``m`` is kept per parameter (half
     of Adam's state).
 
-    In the update-rule DSL (DSL.md, :mod:`nos_sym.dsl`), base :math:`e` without decay is
+    In the update-rule DSL (``docs/dsl.md``, :mod:`nos_sym.dsl`), base :math:`e` without decay is
     ``sign_g sign_m id id mul ; o1 g exp id mul``, and with the DSL's decays (``ld`` is
     :func:`~nos_sym.sign_decay.linear`, ``cd`` is :func:`~nos_sym.sign_decay.cosine` with
     ``num_periods=0.5``, ``rd`` is :func:`~nos_sym.sign_decay.restart` with ``num_periods=20``, all
@@ -301,8 +301,8 @@ AddSign.__doc__ = rf"""Implements AddSign (Bello et al., 2017, arXiv:1709.07417)
     :math:`\alpha g` where either is 0. With a sign decay AddSign tends to SGD with learning rate
     :math:`\gamma \alpha`.
 
-    In the update-rule DSL (DSL.md, :mod:`nos_sym.dsl`), :math:`\alpha = 1` without decay is
-    ``sign_g sign_m id id mul ; o1 one id id add ; o2 g id id mul``, and AddSign-ld is
+    In the update-rule DSL (``docs/dsl.md``, :mod:`nos_sym.dsl`), :math:`\alpha = 1` without decay
+    is ``sign_g sign_m id id mul ; o1 one id id add ; o2 g id id mul``, and AddSign-ld is
     ``sign_g sign_m id id mul ; o1 ld id id mul ; o2 one id id add ; o3 g id id mul``
     (``cd``, ``rd`` likewise; see :class:`PowerSign` for their meaning). {_DSL_NOTE}
 

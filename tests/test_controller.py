@@ -35,7 +35,7 @@ PAPER_HASH = "b9e5eed8116c0247f1aeea5bfee9ab501e7279a38df6aba0ffac01a97ffd837a"
 
 
 # --------------------------------------------------------------------------------------------
-# An independent statement of the constraints (from DSL.md and the paper, not from the masks)
+# An independent statement of the constraints (from docs/dsl.md and the paper, not from the masks)
 # --------------------------------------------------------------------------------------------
 def is_bank(token: str) -> bool:
     return token[0] == "o" and token[1:].isdigit()

@@ -22,7 +22,7 @@ sign, exp = sp.sign, sp.exp
 POWERSIGN = g * exp(sign(g) * sign(m))
 
 # ---------------------------------------------------------------------------------------------
-# Table-driven: DSL.md's examples and the paper's Table 1, each with Δ written independently
+# Table-driven: docs/dsl.md's examples and the paper's Table 1, each with Δ written independently
 # ---------------------------------------------------------------------------------------------
 DSL_EXAMPLES = [
     ("SGD", "g g id id keep", g),
@@ -100,7 +100,7 @@ def test_table_1_rules(text, expected):
 
 
 # ---------------------------------------------------------------------------------------------
-# Canonical meaning (DSL.md, "Rules of meaning")
+# Canonical meaning (docs/dsl.md, "The canonical form and the key", "Random draws")
 # ---------------------------------------------------------------------------------------------
 SAME_KEY = [
     ("g m id id add", "m g id id add"),

@@ -77,7 +77,7 @@ FORMULAS = {
 
 
 class Inputs:
-    """The operands at one step, from the DSL's definitions (DSL.md)."""
+    """The operands at one step, from the DSL's definitions (docs/dsl.md)."""
 
     def __init__(self, g, m, v, gamma, w, t) -> None:
         self.g, self.m, self.v, self.gamma, self.w, self.t = g, m, v, gamma, w, t
@@ -138,7 +138,7 @@ def test_presets_are_distinct_rules() -> None:
 @pytest.mark.parametrize(
     ("name", "equivalent"),
     [
-        ("adam", "v g sqrt id keep ; m o1 id id div"),  # DSL.md: the same update
+        ("adam", "v g sqrt id keep ; m o1 id id div"),  # docs/dsl.md: the same update
         ("powersign", "sign_m sign_g id id mul ; g o1 id exp mul"),
         ("g-plus-drop-m", "m g drop_0.3 id add"),
     ],

@@ -499,8 +499,8 @@ def test_sign_decays_match_tf_formulas(decay, reference) -> None:
 
 
 def test_sign_decays_are_the_dsl_decay_operands() -> None:
-    # DSL.md: ld = 1 - t/T, cd = 0.5 (1 + cos(pi t/T)), rd = 0.5 (1 + cos(pi ((20 t) mod T)/T)),
-    # with t clamped at T.
+    # docs/dsl.md: ld = 1 - t/T, cd = 0.5 (1 + cos(pi t/T)),
+    # rd = 0.5 (1 + cos(pi ((20 t) mod T)/T)), with t clamped at T.
     total = 300
     for t in range(0, 2 * total, 7):
         s = min(t, total)

@@ -1,4 +1,4 @@
-"""SymbolicOptimizer: DSL rules as torch optimizers, exactly as DSL.md defines them."""
+"""SymbolicOptimizer: DSL rules as torch optimizers, exactly as docs/dsl.md defines them."""
 
 from __future__ import annotations
 
@@ -78,10 +78,10 @@ def test_works_with_lr_schedulers():
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent NumPy reference of DSL.md
+# An independent NumPy reference of docs/dsl.md
 # ---------------------------------------------------------------------------------------------
 def numpy_reference(rule: str, grads: list[np.ndarray], w0: np.ndarray, lr: float, total: int):
-    """w after len(grads) steps of ``rule``, evaluated group by group from DSL.md."""
+    """w after len(grads) steps of ``rule``, evaluated group by group from docs/dsl.md."""
     w = w0.copy()
     m = v = c = np.zeros_like(w)
     for t, g in enumerate(grads, start=1):

@@ -5,6 +5,7 @@
 * :mod:`.policy`: :class:`Policy` (the paper's LSTM controller) and :class:`Samples`.
 * :mod:`.algorithms`: :class:`TRPO`, :class:`REINFORCE`, :class:`RandomSearch` and
   :func:`make_algorithm`.
+* :mod:`.evolution`: :class:`RegularizedEvolution` (aging evolution, ``"evolution"``).
 """
 
 from nos_sym.controller.algorithms import (
@@ -15,6 +16,7 @@ from nos_sym.controller.algorithms import (
     RandomSearch,
     make_algorithm,
 )
+from nos_sym.controller.evolution import RegularizedEvolution
 from nos_sym.controller.policy import Policy, Samples
 from nos_sym.controller.space import (
     SPACES,
@@ -33,6 +35,7 @@ __all__ = [
     "Algorithm",
     "Policy",
     "RandomSearch",
+    "RegularizedEvolution",
     "Samples",
     "SearchSpace",
     "get_space",

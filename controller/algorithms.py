@@ -376,14 +376,18 @@ class TRPO(PolicyGradient):
         return stats
 
 
+# Imported here, not at the top: evolution.py subclasses Algorithm, defined above.
+from nos_sym.controller.evolution import RegularizedEvolution  # noqa: E402
+
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    algorithm.name: algorithm for algorithm in (TRPO, REINFORCE, RandomSearch)
+    algorithm.name: algorithm for algorithm in (TRPO, REINFORCE, RandomSearch, RegularizedEvolution)
 }
 
 
 def make_algorithm(name: str, space: SearchSpace | str, seed: int, **hyperparameters) -> Algorithm:
-    """``"trpo"`` (default of the search), ``"reinforce"`` or ``"random"`` on ``space`` (a
-    :class:`SearchSpace` or a preset name); ``hyperparameters`` go to the constructor."""
+    """``"trpo"`` (default of the search), ``"reinforce"``, ``"random"`` or ``"evolution"`` on
+    ``space`` (a :class:`SearchSpace` or a preset name); ``hyperparameters`` go to the
+    constructor (e.g. ``population=50, tournament=10`` for evolution)."""
     if name not in ALGORITHMS:
         raise KeyError(f"unknown algorithm {name!r}: expected one of {', '.join(ALGORITHMS)}")
     if isinstance(space, str):

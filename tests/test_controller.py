@@ -430,7 +430,7 @@ def test_reinforce_increases_the_probability_of_a_rewarded_token():
     assert probabilities[-1] > probabilities[0] + 0.003
 
 
-@pytest.mark.parametrize("name", ["trpo", "reinforce", "random"])
+@pytest.mark.parametrize("name", ["trpo", "reinforce", "random", "evolution"])
 def test_state_dict_round_trip_reproduces_the_next_samples(name):
     threads = torch.get_num_threads()
     algorithm = make_algorithm(name, "paper", seed=7)

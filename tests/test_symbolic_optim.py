@@ -68,6 +68,24 @@ def test_matches_torch_optim_over_many_steps(rule, reference, foreach):
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=30),
+        lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, 0.001, 0.01, step_size_up=5),
+    ],
+)
+def test_cyclic_schedules_cycle_beta1_as_on_adam(schedule):
+    """OneCycleLR/CyclicLR with cycle_momentum=True write β1 into each group's betas."""
+    model = make_model()
+    adam = torch.optim.Adam(groups(model))
+    expected = train(model, adam, 30, scheduler=schedule(adam))
+    model = make_model()
+    ours = SymbolicOptimizer(groups(model), ADAM)
+    actual = train(model, ours, 30, scheduler=schedule(ours))
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-13)
+
+
 def test_works_with_lr_schedulers():
     model = make_model()
     adam = torch.optim.Adam(groups(model))

@@ -102,10 +102,10 @@ class _Plan:
 
 @lru_cache(maxsize=1024)
 def _plan(rule: Rule, eps: float) -> _Plan:
+    """The plan of ``rule`` with ε = ``eps`` (Δ's ε symbol replaced by the number otherwise)."""
     expr = rule.sympy if eps == P.EPSILON else rule.sympy.xreplace({P.EPS: sp.Float(eps)})
-    program = optimizer_program(expr)
-    exact = rule.needs_total_steps or rule.stochastic or bool(program.leaves & _DECAYS.keys())
-    return _Plan(rule, eps, program, rule.averages, exact)
+    exact = rule.needs_total_steps or rule.stochastic
+    return _Plan(rule, eps, optimizer_program(expr), rule.averages, exact)
 
 
 def _update_averages(averages: dict[str, Any], grad, betas: Sequence[float], foreach: bool) -> None:

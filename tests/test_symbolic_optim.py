@@ -200,12 +200,18 @@ def test_single_tensor_and_foreach_paths_are_identical(rule):
     torch.testing.assert_close(multi, single, rtol=1e-14, atol=1e-15)
 
 
-@pytest.mark.parametrize("rule", [POWERSIGN, "g g drop_0.1 id mul ; o1 ld id id add"])
-def test_compiled_path_agrees(rule):
+@pytest.mark.parametrize(
+    ("rule", "options"),
+    [
+        (POWERSIGN, {"weight_decay": 0.1, "betas": (0.8, 0.99), "maximize": True}),
+        ("g g drop_0.1 id mul ; o1 ld id id add", {}),
+    ],
+)
+def test_compiled_path_agrees(rule, options):
     torch.manual_seed(3)
-    single = run_rule(rule, steps=6, total_steps=25)
+    single = run_rule(rule, steps=6, total_steps=25, **options)
     torch.manual_seed(3)
-    fused = run_rule(rule, steps=6, total_steps=25, compile=True)
+    fused = run_rule(rule, steps=6, total_steps=25, compile=True, **options)
     torch.testing.assert_close(fused, single, rtol=1e-12, atol=1e-14)
 
 

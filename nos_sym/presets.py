@@ -4,7 +4,8 @@ r"""Named update rules in the DSL: the paper's optimizers, its Table 1 and the u
 the same name to a one-line description, and ``TABLE1`` lists, in the paper's order, the names of
 the 16 rules that Neural Optimizer Search found and Table 1 of Bello et al. (ICML 2017) reports on
 the Wide ResNet.
-:func:`preset` looks a name up with an error that lists the known names.
+:func:`preset` looks a name up with an error that lists the known names; :func:`resolve` turns
+a preset name, DSL text or a :class:`~nos_sym.Rule` into a ``Rule`` (what the optimizers accept).
 
 Notation, as in the paper: :math:`s = \operatorname{sign}(g)\operatorname{sign}(\hat m)`,
 :math:`\hat m, \hat v, \hat\gamma` the bias-corrected running averages of :math:`g, g^2, g^3`
@@ -33,7 +34,9 @@ and ``PowerSign(p, sign_decay=sign_decay.cosine(T))`` take the same steps.
 
 from __future__ import annotations
 
-__all__ = ["DESCRIPTIONS", "PRESETS", "TABLE1", "UnknownPresetError", "preset"]
+from nos_sym.dsl import DSLSyntaxError, Rule, as_rule
+
+__all__ = ["DESCRIPTIONS", "PRESETS", "TABLE1", "UnknownPresetError", "preset", "resolve"]
 
 _POWERSIGN = "sign_g sign_m id id mul ; o1 g exp id mul"
 _ADDSIGN = "sign_g sign_m id id mul ; o1 one id id add ; o2 g id id mul"
@@ -167,4 +170,26 @@ def preset(name: str) -> str:
     except KeyError:
         raise UnknownPresetError(
             f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}"
+        ) from None
+
+
+def resolve(rule: Rule | str) -> Rule:
+    """A :class:`~nos_sym.Rule` from a ``Rule``, a preset name (a key of :data:`PRESETS`) or DSL
+    text, in that order.
+
+    Raises:
+        DSLSyntaxError: text that is neither a preset name nor a DSL rule; the message ends with
+            the known preset names.
+    """
+    if isinstance(rule, str) and rule in PRESETS:
+        return as_rule(PRESETS[rule])
+    try:
+        return as_rule(rule)
+    except DSLSyntaxError as error:
+        raise DSLSyntaxError(
+            f"{error.message} ({rule!r} is neither a DSL rule nor a preset; known presets: "
+            f"{', '.join(PRESETS)})",
+            line=error.line,
+            column=error.column,
+            text=error.text,
         ) from None

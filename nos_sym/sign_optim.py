@@ -45,10 +45,12 @@ __all__ = ["AddSign", "PowerSign", "addsign", "powersign"]
 class _SignOptimizer(Optimizer):
     """What PowerSign and AddSign share: state, validation, the step loop.
 
-    ``sign_decay`` is an attribute of the optimizer, not a per-group hyper-parameter: it is kept
-    out of ``state_dict()`` (whose content stays plain tensors and numbers, loadable with
-    ``torch.load(weights_only=True)``), so construct the optimizer with the same ``sign_decay``
-    before ``load_state_dict``. It is kept by ``copy.deepcopy`` and pickling.
+    ``sign_decay`` is an attribute of the optimizer, not a per-group hyper-parameter: the groups
+    hold only its ``repr`` (text), so ``state_dict()`` stays plain tensors, numbers and strings,
+    loadable with ``torch.load(weights_only=True)`` (also through ``ZeroRedundancyOptimizer``,
+    which copies the groups' entries over the callable it was given); construct the optimizer
+    with the same ``sign_decay`` before ``load_state_dict``. It is kept by ``copy.deepcopy`` and
+    pickling. Groups of older checkpoints get the current defaults of keys they lack.
     """
 
     def __init__(
@@ -59,6 +61,8 @@ class _SignOptimizer(Optimizer):
     ) -> None:
         if not defaults["lr"] >= 0.0:
             raise ValueError(f"Invalid learning rate: {defaults['lr']}")
+        if not defaults["weight_decay"] >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {defaults['weight_decay']}")
         if not 0.0 <= defaults["beta"] < 1.0:
             raise ValueError(f"Invalid beta parameter: {defaults['beta']}")
         if sign_decay is not None and not callable(sign_decay):
@@ -66,11 +70,29 @@ class _SignOptimizer(Optimizer):
                 f"sign_decay must be None or a callable step -> float (see nos_sym.sign_decay), "
                 f"got {type(sign_decay).__name__}"
             )
-        super().__init__(params, defaults)
         self.sign_decay = sign_decay
+        super().__init__(params, {**defaults, "sign_decay": _describe(sign_decay)})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; a ``"sign_decay"`` entry may only repeat the optimizer's (as
+        ``ZeroRedundancyOptimizer`` does) and is kept as its description."""
+        decay = param_group.get("sign_decay")
+        if callable(decay) and decay is not self.sign_decay:
+            raise ValueError(
+                f"{type(self).__name__} takes one sign_decay for all parameter groups "
+                "(the constructor's), not one per group"
+            )
+        super().add_param_group({**param_group, "sign_decay": _describe(self.sign_decay)})
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "sign_decay": self.sign_decay}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for name, value in self.defaults.items():
+                group.setdefault(name, value)
+            group["sign_decay"] = _describe(self.sign_decay)
 
     def _init_group(
         self,
@@ -147,10 +169,18 @@ class PowerSign(_SignOptimizer):
         *,
         foreach: bool | None = None,
         maximize: bool = False,
+        weight_decay: float = 0.0,
     ) -> None:
         if not 0.0 < base < math.inf:
             raise ValueError(f"Invalid base: {base}")
-        defaults = {"lr": lr, "base": base, "beta": beta, "foreach": foreach, "maximize": maximize}
+        defaults = {
+            "lr": lr,
+            "base": base,
+            "beta": beta,
+            "foreach": foreach,
+            "maximize": maximize,
+            "weight_decay": weight_decay,
+        }
         super().__init__(params, defaults, sign_decay)
 
     def _update_group(
@@ -167,11 +197,12 @@ class PowerSign(_SignOptimizer):
             exp_avgs,
             state_steps,
             foreach=group["foreach"],
-            lr=group["lr"],
+            lr=float(group["lr"]),
             base=group["base"],
             beta=group["beta"],
             sign_decay=self.sign_decay,
             maximize=group["maximize"],
+            weight_decay=group["weight_decay"],
         )
 
 
@@ -186,6 +217,7 @@ class AddSign(_SignOptimizer):
         *,
         foreach: bool | None = None,
         maximize: bool = False,
+        weight_decay: float = 0.0,
     ) -> None:
         if not math.isfinite(alpha):
             raise ValueError(f"Invalid alpha value: {alpha}")
@@ -195,6 +227,7 @@ class AddSign(_SignOptimizer):
             "beta": beta,
             "foreach": foreach,
             "maximize": maximize,
+            "weight_decay": weight_decay,
         }
         super().__init__(params, defaults, sign_decay)
 
@@ -212,11 +245,12 @@ class AddSign(_SignOptimizer):
             exp_avgs,
             state_steps,
             foreach=group["foreach"],
-            lr=group["lr"],
+            lr=float(group["lr"]),
             alpha=group["alpha"],
             beta=group["beta"],
             sign_decay=self.sign_decay,
             maximize=group["maximize"],
+            weight_decay=group["weight_decay"],
         )
 
 
@@ -227,7 +261,9 @@ _SHARED_ARGS_DOC = rf"""beta (float, optional): decay rate of the running averag
             :func:`nos_sym.sign_decay.linear`. ``None`` means :math:`d \equiv 1` (default: None)
         {_foreach_doc}
             On the CPU (where None picks the for-loop) the for-loop is also the faster one here.
-        {_maximize_doc}"""
+        {_maximize_doc}
+        weight_decay (float, optional): decoupled weight decay :math:`\lambda`: each step first
+            multiplies the parameters by :math:`1 - \gamma\lambda` (AdamW's) (default: 0)"""
 
 _DSL_NOTE = r"""The DSL's ``m`` is the *bias-corrected* :math:`\hat m_t = m_t / (1 - \beta^t)`;
     since :math:`\operatorname{sign}(\hat m_t) = \operatorname{sign}(m_t)`, the DSL's ``sign_m``
@@ -332,6 +368,7 @@ def powersign(
     beta: float,
     sign_decay: SignDecay | None,
     maximize: bool,
+    weight_decay: float = 0.0,
 ) -> None:
     r"""Functional API that performs the PowerSign update in place.
 
@@ -348,6 +385,7 @@ def powersign(
         beta=beta,
         sign_decay=sign_decay,
         maximize=maximize,
+        weight_decay=weight_decay,
         offset=0.0,
         sign_coefficient=math.log(base),
         exponentiate=True,
@@ -366,6 +404,7 @@ def addsign(
     beta: float,
     sign_decay: SignDecay | None,
     maximize: bool,
+    weight_decay: float = 0.0,
 ) -> None:
     r"""Functional API that performs the AddSign update in place.
 
@@ -382,6 +421,7 @@ def addsign(
         beta=beta,
         sign_decay=sign_decay,
         maximize=maximize,
+        weight_decay=weight_decay,
         offset=alpha,
         sign_coefficient=1.0,
         exponentiate=False,
@@ -399,11 +439,13 @@ def _sign_update(
     beta: float,
     sign_decay: SignDecay | None,
     maximize: bool,
+    weight_decay: float,
     offset: float,
     sign_coefficient: float,
     exponentiate: bool,
 ) -> None:
-    r"""The shared kernel: :math:`\theta \leftarrow \theta - \text{lr} \cdot h(x) \cdot g` with
+    r"""The shared kernel: :math:`\theta \leftarrow (1 - \text{lr} \lambda) \theta - \text{lr}
+    \cdot h(x) \cdot g` (:math:`\lambda` = ``weight_decay``) with
     :math:`x = c + k \, d(t) \operatorname{sign}(g) \operatorname{sign}(m)`, after
     :math:`m \leftarrow \beta m + (1 - \beta) g`; :math:`c` is ``offset``, :math:`k` is
     ``sign_coefficient`` and :math:`h` is ``exp`` if ``exponentiate`` else the identity.
@@ -420,6 +462,7 @@ def _sign_update(
         beta=beta,
         sign_decay=sign_decay,
         maximize=maximize,
+        weight_decay=weight_decay,
         offset=offset,
         sign_coefficient=sign_coefficient,
         exponentiate=exponentiate,
@@ -443,6 +486,7 @@ def _single_tensor_sign_update(
     beta: float,
     sign_decay: SignDecay | None,
     maximize: bool,
+    weight_decay: float,
     offset: float,
     sign_coefficient: float,
     exponentiate: bool,
@@ -460,6 +504,8 @@ def _single_tensor_sign_update(
             multiplier.add_(offset)
         if exponentiate:
             multiplier.exp_()
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
         param.addcmul_(multiplier, grad, value=-lr)
 
 
@@ -473,6 +519,7 @@ def _multi_tensor_sign_update(
     beta: float,
     sign_decay: SignDecay | None,
     maximize: bool,
+    weight_decay: float,
     offset: float,
     sign_coefficient: float,
     exponentiate: bool,
@@ -503,4 +550,11 @@ def _multi_tensor_sign_update(
             torch._foreach_add_(multipliers, offset)
         if exponentiate:
             torch._foreach_exp_(multipliers)
+        if weight_decay != 0:
+            torch._foreach_mul_(device_params, 1 - lr * weight_decay)
         torch._foreach_addcmul_(device_params, multipliers, device_grads, -lr)
+
+
+def _describe(sign_decay: SignDecay | None) -> str | None:
+    """What a parameter group records of the optimizer's sign decay: its ``repr``, or None."""
+    return None if sign_decay is None else repr(sign_decay)

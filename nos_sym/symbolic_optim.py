@@ -8,31 +8,45 @@ For a rule with update Δ (``Rule.sympy``), every parameter w with gradient g ta
     γ_t = β_3 γ_{t-1} + (1-β_3) g_t^3,
 
     \hat m_t = m_t/(1-β_1^t),\ \hat v_t = v_t/(1-β_2^t),\ \hat γ_t = γ_t/(1-β_3^t),\qquad
-    w_t = w_{t-1} - \mathrm{lr}\cdot Δ(g_t, \hat m_t, \hat v_t, \hat γ_t, w_{t-1}, t)
+    w_t = (1 - \mathrm{lr}\cdot λ)\, w_{t-1} - \mathrm{lr}\cdot Δ(g_t, \hat m_t, \hat v_t,
+    \hat γ_t, w_{t-1}, t)
 
-with t counted from 1, β1 = 0.9, β2 = β3 = 0.999, and only the averages Δ reads kept in state.
+with t counted from 1, by default β1 = 0.9, β2 = β3 = 0.999 and ε = 1e-8 (the DSL's; ``betas=``
+and ``eps=`` change them without changing the rule's canonical key), decoupled weight decay
+λ = ``weight_decay`` (AdamW's; 0 by default), g negated under ``maximize=True``, and only the
+averages Δ reads kept in state. Every hyper-parameter, the rule included, is per parameter group.
 Δ runs as the straight-line program of :mod:`nos_sym.compile`: per tensor (the reference), on
 lists of tensors with ``torch._foreach_*`` (``foreach=True``), or fused by ``torch.compile``
-(``compile=True``, cached per rule key); the three agree to round-off.
+(``compile=True``, cached per rule key); the three agree to round-off. The whole ``step()`` may
+also be compiled (``torch.compile(opt.step)``): t is then read as a tensor, so a rule without
+decays or draws compiles once.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
+import sympy as sp
 import torch
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
 from nos_sym import primitives as P
 from nos_sym.compile import Foreach, Program, optimizer_program, run
-from nos_sym.dsl import Rule, as_rule
+from nos_sym.dsl import Rule
+from nos_sym.presets import resolve
 
 STATE_NAME = {"m": "exp_avg", "v": "exp_avg_sq", "gamma": "exp_avg_cube"}
 """Optimizer-state key of each running average (torch.optim.Adam's names for m and v)."""
 
+DEFAULT_BETAS = (P.BETA1, P.BETA2, P.BETA3)
+"""The DSL's (β1, β2, β3) of m, v and γ."""
+
 _DECAYS = {"ld": P.linear_decay, "cd": P.cosine_decay, "rd": P.restart_decay}
-_BETA = {"m": P.BETA1, "v": P.BETA2, "gamma": P.BETA3}
+_AVERAGES = ("m", "v", "gamma")
 
 
 def check_total_steps(rule: Rule, total_steps: int | None) -> None:
@@ -48,34 +62,81 @@ def check_total_steps(rule: Rule, total_steps: int | None) -> None:
         )
 
 
+def check_betas(betas: Sequence[float]) -> tuple[float, float, float]:
+    """(β1, β2, β3) from torch's 2-tuple (β3 = 0.999) or a 3-tuple, each in [0, 1)."""
+    betas = tuple(betas)
+    if len(betas) == 2:
+        betas += (P.BETA3,)
+    if len(betas) != 3 or not all(isinstance(b, numbers.Real) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"Invalid betas: {betas!r} (expected 2 or 3 numbers in [0, 1))")
+    return tuple(float(b) for b in betas)  # type: ignore[return-value]
+
+
+def _check_lr(lr: float | torch.Tensor) -> None:
+    """torch's learning-rate check: a number or a one-element tensor, >= 0."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element, got {lr.numel()} elements")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real | torch.Tensor) or not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0.0:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a number >= 0)")
+
+
 # --------------------------------------------------------------------------------------------
 # The functional kernel
 # --------------------------------------------------------------------------------------------
-def _update_averages(averages: dict[str, Any], grad, foreach: bool) -> None:
+@dataclass(frozen=True)
+class _Plan:
+    """What a step of one rule at one ε needs, resolved once: its program, the averages it
+    reads, and whether t must be a Python int (decays, draws) even under ``torch.compile``."""
+
+    rule: Rule
+    eps: float
+    program: Program
+    averages: tuple[str, ...]
+    exact_steps: bool
+
+
+@lru_cache(maxsize=1024)
+def _plan(rule: Rule, eps: float) -> _Plan:
+    """The plan of ``rule`` with ε = ``eps`` (Δ's ε symbol replaced by the number otherwise)."""
+    expr = rule.sympy if eps == P.EPSILON else rule.sympy.xreplace({P.EPS: sp.Float(eps)})
+    exact = rule.needs_total_steps or rule.stochastic
+    return _Plan(rule, eps, optimizer_program(expr), rule.averages, exact)
+
+
+def _update_averages(averages: dict[str, Any], grad, betas: Sequence[float], foreach: bool) -> None:
     """m ← β1·m + (1−β1)·g, v ← β2·v + (1−β2)·g², γ ← β3·γ + (1−β3)·g³, in place."""
+    beta1, beta2, beta3 = betas
     if foreach:
         if "m" in averages:
-            torch._foreach_lerp_(averages["m"], grad, 1 - P.BETA1)
+            torch._foreach_lerp_(averages["m"], grad, 1 - beta1)
         if "v" in averages:
-            torch._foreach_mul_(averages["v"], P.BETA2)
-            torch._foreach_addcmul_(averages["v"], grad, grad, 1 - P.BETA2)
+            torch._foreach_mul_(averages["v"], beta2)
+            torch._foreach_addcmul_(averages["v"], grad, grad, 1 - beta2)
         if "gamma" in averages:
-            torch._foreach_mul_(averages["gamma"], P.BETA3)
+            torch._foreach_mul_(averages["gamma"], beta3)
             torch._foreach_addcmul_(
-                averages["gamma"], torch._foreach_mul(grad, grad), grad, 1 - P.BETA3
+                averages["gamma"], torch._foreach_mul(grad, grad), grad, 1 - beta3
             )
         return
     if "m" in averages:
-        averages["m"].lerp_(grad, 1 - P.BETA1)
+        averages["m"].lerp_(grad, 1 - beta1)
     if "v" in averages:
-        averages["v"].mul_(P.BETA2).addcmul_(grad, grad, value=1 - P.BETA2)
+        averages["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     if "gamma" in averages:
-        averages["gamma"].mul_(P.BETA3).addcmul_(grad * grad, grad, value=1 - P.BETA3)
+        averages["gamma"].mul_(beta3).addcmul_(grad * grad, grad, value=1 - beta3)
 
 
-def _scalars(program: Program, step: int, total_steps: int | None) -> dict[str, float]:
-    """Per-step scalars: bias corrections c = 1/(1 − β^t) and the decays at t."""
-    scalars = {f"c_{name}": 1.0 / (1.0 - beta**step) for name, beta in _BETA.items()}
+def _scalars(program: Program, step, total_steps: int | None, betas: Sequence[float]) -> dict:
+    """Per-step scalars: bias corrections c = 1/(1 − β^t) and the decays at t (``step`` an int,
+    or a 0-d tensor when compiled without decays)."""
+    scalars = {
+        f"c_{name}": 1.0 / (1.0 - beta**step) for name, beta in zip(_AVERAGES, betas, strict=True)
+    }
     for token, decay in _DECAYS.items():
         if token in program.leaves:
             scalars[token] = decay(step, total_steps)
@@ -102,33 +163,48 @@ def _apply(param, delta, lr, foreach: bool) -> None:
         param.add_(-lr * delta)
 
 
-def _per_slice(lr: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+def _decay(param, lr, weight_decay: float, foreach: bool) -> None:
+    """Decoupled weight decay w ← (1 − lr·λ)·w; nothing at all when λ = 0."""
+    if weight_decay == 0:
+        return
+    if foreach:
+        torch._foreach_mul_(param, 1 - lr * weight_decay)
+    else:
+        param.mul_(_per_slice(1 - lr * weight_decay, param))
+
+
+def _per_slice(lr, param: torch.Tensor):
     """A 1-D lr of K values viewed as [K, 1, ...] against a stacked [K, ...] parameter."""
     if isinstance(lr, torch.Tensor) and lr.dim() == 1 and param.dim() > 1:
         return lr.view(-1, *([1] * (param.dim() - 1)))
     return lr
 
 
-def _fused_step(program: Program, param, grad, averages: dict, scalars: dict, draws, lr) -> None:
-    """One tensor's whole step (averages, Δ, update): the function ``compile=True`` compiles."""
-    _update_averages(averages, grad, foreach=False)
+def _fused_step(
+    program: Program, param, grad, averages: dict, scalars: dict, draws, lr, betas, decay
+) -> None:
+    """One tensor's whole step (averages, Δ, decay, update): what ``compile=True`` compiles."""
+    _update_averages(averages, grad, betas, foreach=False)
     delta = run(program, {**_leaf_values(grad, param, averages), **scalars}, draws)
+    if decay is not None:
+        param.mul_(_per_slice(decay, param))
     param.sub_(_per_slice(lr, param) * delta)
 
 
-_COMPILED: dict[str, Any] = {}
+_COMPILED: dict[tuple[str, float], Any] = {}
 
 
-def _compiled_step(rule: Rule):
-    """``torch.compile`` of :func:`_fused_step` for one rule, cached by its key."""
-    if rule.key not in _COMPILED:
-        program = optimizer_program(rule.sympy)
+def _compiled_step(plan: _Plan):
+    """``torch.compile`` of :func:`_fused_step` for one rule and ε, cached by (key, ε)."""
+    key = (plan.rule.key, plan.eps)
+    if key not in _COMPILED:
+        program = plan.program
 
-        def step(param, grad, averages, scalars, draws, lr):
-            _fused_step(program, param, grad, averages, scalars, draws, lr)
+        def step(param, grad, averages, scalars, draws, lr, betas, decay):
+            _fused_step(program, param, grad, averages, scalars, draws, lr, betas, decay)
 
-        _COMPILED[rule.key] = torch.compile(step, dynamic=None)
-    return _COMPILED[rule.key]
+        _COMPILED[key] = torch.compile(step, dynamic=None)
+    return _COMPILED[key]
 
 
 def symbolic_update(
@@ -142,32 +218,74 @@ def symbolic_update(
     foreach: bool = False,
     compile: bool = False,
     generator: torch.Generator | None = None,
+    betas: Sequence[float] = DEFAULT_BETAS,
+    eps: float = P.EPSILON,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
 ) -> None:
-    """Apply one step of ``rule`` in place: the functional form of :class:`SymbolicOptimizer`.
+    """Apply one step of ``rule`` (a ``Rule``, DSL text or a preset name) in place: the
+    functional form of :class:`SymbolicOptimizer`.
 
     ``states`` are per-parameter dicts, filled lazily (``step`` and the averages the rule reads).
     ``lr`` may be a tensor: a 1-D tensor of K learning rates applies slice-wise to parameters
     stacked along their first dimension (K models trained at once).
     """
-    rule = as_rule(rule)
+    rule = resolve(rule)
     check_total_steps(rule, total_steps)
-    program = optimizer_program(rule.sympy)
+    plan = _plan(rule, float(eps))
     for param, state in zip(params, states, strict=True):
-        _init_state(state, param, rule)
-    for state in states:
-        state["step"] += 1
-    if compile:
-        step_fn = _compiled_step(rule)
-    if foreach and not compile and not isinstance(lr, torch.Tensor):
-        _foreach_update(program, rule, params, grads, states, lr, total_steps, generator)
+        _init_state(state, param, plan.averages)
+    _update(
+        plan, params, grads, [state["step"] for state in states],
+        {name: [state[STATE_NAME[name]] for state in states] for name in plan.averages},
+        lr=lr, total_steps=total_steps, foreach=foreach, compile=compile, generator=generator,
+        betas=check_betas(betas), weight_decay=weight_decay, maximize=maximize,
+    )  # fmt: skip
+
+
+def _update(
+    plan: _Plan,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    averages: dict[str, Sequence[torch.Tensor]],
+    *,
+    lr,
+    total_steps: int | None,
+    foreach: bool,
+    compile: bool,
+    generator: torch.Generator | None,
+    betas: tuple[float, float, float],
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """:func:`symbolic_update` on the tensors of initialised states: ``steps`` (0-d counts) and
+    ``averages`` (name → one running average per parameter), parallel to ``params``."""
+    program = plan.program
+    for step in steps:
+        step.add_(1)
+    if maximize:
+        grads = [-grad for grad in grads]
+    traced = torch.compiler.is_compiling()  # inside torch.compile(opt.step): already compiled
+    if foreach and not compile and not traced and not isinstance(lr, torch.Tensor):
+        _foreach_update(
+            plan, params, grads, steps, averages, lr, total_steps, generator, betas, weight_decay
+        )
         return
-    scalar_tensors: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
-    for param, grad, state in zip(params, grads, states, strict=True):
-        step = int(state["step"].item())
-        averages = {name: state[STATE_NAME[name]] for name in rule.averages}
-        draws = [draw.sample(param, step, generator) for draw in program.draws]
-        scalars = _scalars(program, step, total_steps)
-        if compile:
+    if compile and not traced:
+        step_fn = _compiled_step(plan)
+    scalar_tensors: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor, Any]] = {}
+    for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        own = {name: values[index] for name, values in averages.items()}
+        if traced and not plan.exact_steps:
+            # t as a float64 tensor (as torch.optim.Adam under torch.compile): one graph for all t
+            step = steps[index].to(torch.float64)
+            draws: list = []
+        else:
+            step = int(steps[index].item())
+            draws = [draw.sample(param, step, generator) for draw in program.draws]
+        scalars = _scalars(program, step, total_steps, betas)
+        if compile and not traced:
             # scalars as 0-d tensors, so that new values do not recompile; made once per
             # (step, device, dtype), not once per tensor
             where = (step, param.device, param.dtype)
@@ -175,36 +293,42 @@ def symbolic_update(
                 scalar_tensors[where] = (
                     {name: _zero_dim(value, param) for name, value in scalars.items()},
                     _zero_dim(lr, param),
+                    None if weight_decay == 0 else _zero_dim(1 - lr * weight_decay, param),
                 )
-            step_scalars, step_lr = scalar_tensors[where]
-            step_fn(param, grad, averages, step_scalars, draws, step_lr)
+            step_scalars, step_lr, decay = scalar_tensors[where]
+            step_fn(param, grad, own, step_scalars, draws, step_lr, betas, decay)
             continue
-        _update_averages(averages, grad, foreach=False)
-        delta = run(program, {**_leaf_values(grad, param, averages), **scalars}, draws)
+        _update_averages(own, grad, betas, foreach=False)
+        delta = run(program, {**_leaf_values(grad, param, own), **scalars}, draws)
+        _decay(param, lr, weight_decay, foreach=False)
         _apply(param, delta, lr, foreach=False)
 
 
-def _foreach_update(program, rule, params, grads, states, lr, total_steps, generator) -> None:
+def _foreach_update(
+    plan: _Plan, params, grads, steps, averages, lr, total_steps, generator, betas, weight_decay
+) -> None:
     """The multi-tensor path: tensors grouped by (device, dtype, step), Δ on lists."""
-    steps = [int(state["step"].item()) for state in states]
+    program = plan.program
+    counts = [int(step.item()) for step in steps]
     draws = [
-        [draw.sample(p, step, generator) for draw in program.draws]
-        for p, step in zip(params, steps, strict=True)
+        [draw.sample(p, count, generator) for draw in program.draws]
+        for p, count in zip(params, counts, strict=True)
     ]
     groups: dict[tuple, list[int]] = {}
-    for index, (param, step) in enumerate(zip(params, steps, strict=True)):
-        groups.setdefault((param.device, param.dtype, step), []).append(index)
-    for (_, _, step), indices in groups.items():
+    for index, (param, count) in enumerate(zip(params, counts, strict=True)):
+        groups.setdefault((param.device, param.dtype, count), []).append(index)
+    for (_, _, count), indices in groups.items():
         group_params = [params[i] for i in indices]
         group_grads = [grads[i] for i in indices]
-        averages = {name: [states[i][STATE_NAME[name]] for i in indices] for name in rule.averages}
-        _update_averages(averages, group_grads, foreach=True)
+        group_averages = {name: [values[i] for i in indices] for name, values in averages.items()}
+        _update_averages(group_averages, group_grads, betas, foreach=True)
         values = {
-            **_leaf_values(group_grads, group_params, averages),
-            **_scalars(program, step, total_steps),
+            **_leaf_values(group_grads, group_params, group_averages),
+            **_scalars(program, count, total_steps, betas),
         }
         group_draws = [[draws[i][k] for i in indices] for k in range(len(program.draws))]
         delta = run(program, values, group_draws, backend=Foreach)
+        _decay(group_params, lr, weight_decay, foreach=True)
         _apply(group_params, delta, lr, foreach=True)
 
 
@@ -212,11 +336,11 @@ def _zero_dim(value, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
 
-def _init_state(state: dict[str, Any], param: torch.Tensor, rule: Rule) -> None:
+def _init_state(state: dict[str, Any], param: torch.Tensor, averages: tuple[str, ...]) -> None:
     if state:
         return
     state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-    for name in rule.averages:
+    for name in averages:
         state[STATE_NAME[name]] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
@@ -227,9 +351,15 @@ class SymbolicOptimizer(Optimizer):
     """A ``torch.optim.Optimizer`` running a DSL rule: w ← w − lr·Δ (see the module docstring).
 
     Args:
-        params: parameters or parameter groups.
-        rule: a DSL string (``"m v id sqrt div"``) or a parsed :class:`~nos_sym.Rule`.
-        lr: learning rate.
+        params: parameters or parameter groups. A group may carry its own ``"rule"`` (and any
+            hyper-parameter below but ``total_steps`` and ``generator``).
+        rule: a preset name (``"powersign"``, see :mod:`nos_sym.presets`), a DSL string
+            (``"m v id sqrt div"``) or a parsed :class:`~nos_sym.Rule`.
+        lr: learning rate (a number or a one-element tensor).
+        betas: (β1, β2, β3) of m, v and γ, or torch's (β1, β2) with β3 = 0.999.
+        eps: the ε of the rule's ``div``, ``adam`` and ``rmsprop`` (e.g. 1e-4 for pure fp16).
+        weight_decay: decoupled weight decay λ: w ← (1 − lr·λ)·w − lr·Δ (AdamW's).
+        maximize: maximize the objective (Δ reads −g).
         total_steps: the run's number of steps T, needed by ``ld``, ``cd``, ``rd`` and
             ``anneal_noise`` (t counts from 0 and is clamped at T).
         foreach: use ``torch._foreach_*`` multi-tensor ops. ``None`` picks them on CUDA and the
@@ -237,45 +367,117 @@ class SymbolicOptimizer(Optimizer):
         compile: fuse each tensor's step with ``torch.compile`` (kernels cached per rule key;
             compiling costs seconds, so this is for long runs, not for search candidates).
         generator: the ``torch.Generator`` of the random primitives (default: torch's global
-            RNG, reproducible under ``torch.manual_seed``).
+            RNG, reproducible under ``torch.manual_seed``; under DDP give every rank the same
+            seed).
+
+    The rule of each group is in its ``"rule"`` entry as DSL text (so in ``repr(opt)`` and in
+    ``state_dict()``), next to its canonical key ``"rule_key"``.
     """
 
     def __init__(
         self,
         params: Iterable,
         rule: Rule | str,
-        lr: float = 1e-3,
+        lr: float | torch.Tensor = 1e-3,
         *,
+        betas: Sequence[float] = DEFAULT_BETAS,
+        eps: float = P.EPSILON,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
         total_steps: int | None = None,
         foreach: bool | None = None,
         compile: bool = False,
         generator: torch.Generator | None = None,
     ):
-        if not isinstance(lr, float | int) or isinstance(lr, bool) or not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        self.rule = as_rule(rule)
-        check_total_steps(self.rule, total_steps)
+        self.rule = resolve(rule)
         self.total_steps = total_steps
         self.generator = generator
+        self._plans: dict[tuple[str, float], _Plan] = {}
         defaults = {
             "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "maximize": bool(maximize),
             "foreach": foreach,
             "compile": bool(compile),
+            "rule": self.rule.dsl,
             "rule_key": self.rule.key,
         }
         super().__init__(params, defaults)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for group in state_dict["param_groups"]:
-            if group.get("rule_key", self.rule.key) != self.rule.key:
-                raise ValueError(
-                    f"this state_dict belongs to another rule (key {group['rule_key'][:12]}…), "
-                    f"not to {self.rule.dsl!r}"
-                )
-        super().load_state_dict(state_dict)
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its ``"rule"`` (a preset name, DSL text or ``Rule``) defaults to the
+        optimizer's, its hyper-parameters are checked."""
+        rule = resolve(param_group.get("rule", self.rule))
+        group = {**param_group, "rule": rule.dsl, "rule_key": rule.key}
+        for name, value in self.defaults.items():
+            group.setdefault(name, value)
+        check_total_steps(rule, self.total_steps)
+        _check_lr(group["lr"])
+        group["betas"] = check_betas(group["betas"])
+        _check_non_negative("eps", group["eps"])
+        _check_non_negative("weight_decay", group["weight_decay"])
+        super().add_param_group(group)
+        self._group_plan(group)  # resolved before any torch.compile traces a step
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list, list, list]:
-        params, grads, states = [], [], []
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(rule=self.rule, total_steps=self.total_steps, generator=self.generator)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling and ``load_state_dict``: groups of older checkpoints get the defaults."""
+        super().__setstate__(state)
+        self._plans = {}
+        for group in self.param_groups:
+            for name, value in self.defaults.items():
+                group.setdefault(name, value)
+            self._group_plan(group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; each group must belong to the same rule as the group it replaces.
+        Keys a saved group lacks (an older checkpoint) keep the current group's values."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            super().load_state_dict(state_dict)  # torch's error
+        for group, saved in zip(self.param_groups, saved_groups, strict=True):
+            saved_key = saved.get("rule_key")
+            if saved_key is None and "rule" in saved:
+                saved_key = resolve(saved["rule"]).key
+            if saved_key not in (None, group["rule_key"]):
+                raise ValueError(
+                    f"this state_dict belongs to another rule (key {saved_key[:12]}…), "
+                    f"not to {group['rule']!r}"
+                )
+        filled = [
+            {**{k: v for k, v in group.items() if k != "params"}, **saved}
+            for group, saved in zip(self.param_groups, saved_groups, strict=True)
+        ]
+        super().load_state_dict({**state_dict, "param_groups": filled})
+
+    def _group_plan(self, group: dict[str, Any]) -> _Plan:
+        key = (group["rule"], group["eps"])
+        if key not in self._plans:
+            self._plans[key] = _plan(resolve(group["rule"]), float(group["eps"]))
+        return self._plans[key]
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        steps: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        exp_avg_cubes: list[torch.Tensor],
+    ) -> bool:
+        """torch.optim's contract (Adam's): fill the lists with the group's parameters that have
+        a gradient, their gradients, step counts and the averages the group's rule reads, states
+        created on first use; return whether any is complex (never: refused). ``torch.compile``
+        runs this eagerly, so a compiled ``step()`` does not trace the initialisation."""
+        averages = self._group_plan(group).averages
+        outputs = dict(zip(_AVERAGES, (exp_avgs, exp_avg_sqs, exp_avg_cubes), strict=True))
         for param in group["params"]:
             if param.grad is None:
                 continue
@@ -283,10 +485,14 @@ class SymbolicOptimizer(Optimizer):
                 raise ValueError("SymbolicOptimizer does not support sparse gradients")
             if torch.is_complex(param):
                 raise ValueError("SymbolicOptimizer does not support complex parameters")
+            state = self.state[param]
+            _init_state(state, param, averages)
             params.append(param)
             grads.append(param.grad)
-            states.append(self.state[param])
-        return params, grads, states
+            steps.append(state["step"])
+            for name in averages:
+                outputs[name].append(state[STATE_NAME[name]])
+        return False
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -296,21 +502,21 @@ class SymbolicOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, states = self._init_group(group)
+            params, grads, steps = [], [], []
+            averages = {name: [] for name in _AVERAGES}
+            self._init_group(group, params, grads, steps, *averages.values())
             if not params:
                 continue
+            plan = self._group_plan(group)
             foreach = group["foreach"]
             if foreach is None:
                 foreach = all(p.is_cuda for p in params)
-            symbolic_update(
-                params,
-                grads,
-                states,
-                rule=self.rule,
-                lr=group["lr"],
-                total_steps=self.total_steps,
-                foreach=foreach,
-                compile=group["compile"],
-                generator=self.generator,
-            )
+            lr = group["lr"]
+            _update(
+                plan, params, grads, steps, {name: averages[name] for name in plan.averages},
+                lr=lr if isinstance(lr, torch.Tensor) else float(lr),
+                total_steps=self.total_steps, foreach=foreach, compile=group["compile"],
+                generator=self.generator, betas=group["betas"],
+                weight_decay=group["weight_decay"], maximize=group["maximize"],
+            )  # fmt: skip
         return loss

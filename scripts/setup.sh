@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Create/refresh .venv with torch 2.13.0 (installed first and explicitly: a bare `torch`
-# requirement would pull a multi-GB CUDA build), the project (editable) and its dev tools, and
-# get the offline default dataset (Debian's dataset-fashion-mnist) where this machine allows.
-# Idempotent: does nothing when pyproject.toml has not changed since the last run.
+# requirement would pull a multi-GB CUDA build), the project (editable) with its dev, ray and
+# integrations extras (Lightning, transformers, Accelerate; scripts/constraints.txt keeps torch at
+# 2.13.0 while they install), and get the offline default dataset (Debian's
+# dataset-fashion-mnist) where this machine allows.
+# Idempotent: does nothing when pyproject.toml and the constraints have not changed since the
+# last run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.nos_sym-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install -q "torch==2.13.0"
-    .venv/bin/python -m pip install -q -e ".[dev,ray]"
+    .venv/bin/python -m pip install -q -c scripts/constraints.txt torch
+    .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev,ray,integrations]"
     echo "$want" > "$stamp"
 fi
 

@@ -387,6 +387,41 @@ def test_deepcopy_and_pickle_keep_sign_decay() -> None:
         assert next(iter(clone.state.values()))["step"].item() == 1
 
 
+@pytest.mark.parametrize("cls", [PowerSign, AddSign])
+def test_older_state_dicts_get_the_new_defaults(cls: type) -> None:
+    """A checkpoint from before weight_decay (and the groups' sign_decay entry) still loads."""
+    model = make_model()
+    opt = cls(groups(model), lr=0.02, sign_decay=sign_decay.linear(20))
+    train(model, opt, steps=3, seed=4)
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        del group["weight_decay"], group["sign_decay"]
+    expected = [p.detach().clone() for p in copy.deepcopy(model).parameters()]
+    train(model, opt, steps=3, seed=5)
+    resumed = make_model()
+    resumed.load_state_dict(dict(zip(resumed.state_dict(), expected, strict=True)))
+    resumed_opt = cls(groups(resumed), lr=0.02, sign_decay=sign_decay.linear(20))
+    resumed_opt.load_state_dict(saved)
+    assert [g["sign_decay"] for g in resumed_opt.param_groups] == [
+        "_LinearDecay(decay_steps=20)"
+    ] * 3
+    train(resumed, resumed_opt, steps=3, seed=5)
+    for p, q in zip(resumed.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("lr", [np.float32(0.1), torch.tensor(0.1)])
+def test_learning_rates_of_the_types_torch_accepts(lr) -> None:
+    results = []
+    for value in (lr, float(lr)):
+        w = torch.ones(3, requires_grad=True)
+        opt = PowerSign([w], lr=value)
+        w.grad = torch.tensor([1.0, -2.0, 0.5])
+        opt.step()
+        results.append(w.detach())
+    assert torch.equal(*results)
+
+
 def test_lr_scheduler_drives_the_learning_rate() -> None:
     grads = gradient_sequence(6, (4,), seed=6)
     w0 = np.zeros(4)
@@ -431,13 +466,21 @@ BAD_ARGUMENTS = [
     (PowerSign, {"base": float("inf")}, ValueError, "Invalid base: inf"),
     (AddSign, {"alpha": float("inf")}, ValueError, "Invalid alpha value: inf"),
     (AddSign, {"sign_decay": 0.5}, TypeError, "sign_decay must be None or a callable"),
+    (PowerSign, {"weight_decay": -0.1}, ValueError, "Invalid weight_decay value: -0.1"),
+    (
+        AddSign,
+        {"params": [{"params": [torch.zeros(1, requires_grad=True)], "sign_decay": abs}]},
+        ValueError,
+        "one sign_decay for all parameter groups",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("cls", "kwargs", "error", "message"), BAD_ARGUMENTS)
 def test_bad_hyper_parameters(cls: type, kwargs: dict, error: type, message: str) -> None:
+    kwargs = {"params": [torch.zeros(1, requires_grad=True)], **kwargs}
     with pytest.raises(error, match=message.replace("(", r"\(")):
-        cls([torch.zeros(1, requires_grad=True)], **kwargs)
+        cls(**kwargs)
 
 
 @pytest.mark.parametrize("cls", [PowerSign, AddSign])

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from nos_sym import SymbolicOptimizer, parse, symbolic_update
+from nos_sym import AddSign, DSLSyntaxError, PowerSign, SymbolicOptimizer, parse, symbolic_update
 
 ADAM = "m v id sqrt div"
 SGD = "g g id id keep"
@@ -64,6 +65,24 @@ def test_matches_torch_optim_over_many_steps(rule, reference, foreach):
     model = make_model()
     expected = train(model, reference(groups(model)), 200)
     actual = run_rule(rule, steps=200, foreach=foreach)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=30),
+        lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, 0.001, 0.01, step_size_up=5),
+    ],
+)
+def test_cyclic_schedules_cycle_beta1_as_on_adam(schedule):
+    """OneCycleLR/CyclicLR with cycle_momentum=True write β1 into each group's betas."""
+    model = make_model()
+    adam = torch.optim.Adam(groups(model))
+    expected = train(model, adam, 30, scheduler=schedule(adam))
+    model = make_model()
+    ours = SymbolicOptimizer(groups(model), ADAM)
+    actual = train(model, ours, 30, scheduler=schedule(ours))
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-13)
 
 
@@ -181,12 +200,18 @@ def test_single_tensor_and_foreach_paths_are_identical(rule):
     torch.testing.assert_close(multi, single, rtol=1e-14, atol=1e-15)
 
 
-@pytest.mark.parametrize("rule", [POWERSIGN, "g g drop_0.1 id mul ; o1 ld id id add"])
-def test_compiled_path_agrees(rule):
+@pytest.mark.parametrize(
+    ("rule", "options"),
+    [
+        (POWERSIGN, {"weight_decay": 0.1, "betas": (0.8, 0.99), "maximize": True}),
+        ("g g drop_0.1 id mul ; o1 ld id id add", {}),
+    ],
+)
+def test_compiled_path_agrees(rule, options):
     torch.manual_seed(3)
-    single = run_rule(rule, steps=6, total_steps=25)
+    single = run_rule(rule, steps=6, total_steps=25, **options)
     torch.manual_seed(3)
-    fused = run_rule(rule, steps=6, total_steps=25, compile=True)
+    fused = run_rule(rule, steps=6, total_steps=25, compile=True, **options)
     torch.testing.assert_close(fused, single, rtol=1e-12, atol=1e-14)
 
 
@@ -308,6 +333,12 @@ def test_decay_rules_need_total_steps():
         ({"lr": float("nan")}, "Invalid learning rate"),
         ({"total_steps": 0}, "total_steps must be a positive int"),
         ({"total_steps": 2.5}, "total_steps must be a positive int"),
+        ({"lr": torch.tensor([0.1, 0.2])}, "Tensor lr must be 1-element"),
+        ({"lr": "0.1"}, "Invalid learning rate"),
+        ({"betas": (0.9, 1.0)}, "Invalid betas"),
+        ({"betas": (0.9,)}, "Invalid betas"),
+        ({"eps": -1e-8}, "Invalid eps"),
+        ({"weight_decay": -0.1}, "Invalid weight_decay"),
     ],
 )
 def test_bad_hyper_parameters(kwargs, message):
@@ -333,3 +364,202 @@ def test_sparse_and_complex_gradients_are_refused():
     z.grad = torch.ones_like(z)
     with pytest.raises(ValueError, match="complex"):
         SymbolicOptimizer([z], ADAM).step()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.optim's conventions (issue 14)
+# ---------------------------------------------------------------------------------------------
+def test_compiled_step_matches_eager_and_compiles_once():
+    """torch.compile(opt.step): one graph for every step (t is traced as a tensor), as Adam."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    eager = run_rule(ADAM, steps=12, dtype=torch.float32)
+    model = make_model(torch.float32)
+    optimizer = SymbolicOptimizer(groups(model), ADAM)
+    counter = CompileCounterWithBackend("inductor")
+    optimizer.step = torch.compile(optimizer.step, backend=counter)
+    compiled = train(model, optimizer, 12)
+    torch._dynamo.reset()
+    assert counter.frame_count == 1
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def clones(optimizer):
+    return [copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))]
+
+
+def test_deepcopy_and_pickle_keep_rule_total_steps_and_generator():
+    rule = "g g drop_0.3 id mul ; o1 ld id id mul"
+    w = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+    optimizer = SymbolicOptimizer(
+        [w], rule, total_steps=9, generator=torch.Generator().manual_seed(4)
+    )
+    for copied in clones(optimizer):
+        assert (copied.rule, copied.total_steps) == (optimizer.rule, 9)
+        copied_w = copied.param_groups[0]["params"][0]
+        copied_w.grad = torch.ones_like(copied_w)
+        copied.step()  # the copy draws from its own copy of the generator
+        expected = w.detach().clone().requires_grad_()
+        fresh = SymbolicOptimizer(
+            [expected], rule, total_steps=9, generator=torch.Generator().manual_seed(4)
+        )
+        expected.grad = torch.ones_like(expected)
+        fresh.step()
+        assert torch.equal(copied_w, expected)
+
+
+OLD_KEYS = ["compile", "betas", "eps", "weight_decay", "maximize", "rule", "foreach"]
+
+
+def test_state_dicts_and_pickles_without_new_keys_get_the_defaults():
+    model = make_model()
+    optimizer = SymbolicOptimizer(groups(model), ADAM)
+    train(model, optimizer, 3)
+    saved = copy.deepcopy(optimizer.state_dict())
+    pickled = optimizer.__getstate__()
+    for group in saved["param_groups"] + pickled["param_groups"]:
+        for key in OLD_KEYS:
+            del group[key]
+    expected = train(copy.deepcopy(model), copy.deepcopy(optimizer), 3)
+    loaded = SymbolicOptimizer(groups(model), ADAM)
+    loaded.load_state_dict(saved)
+    unpickled = SymbolicOptimizer.__new__(SymbolicOptimizer)
+    unpickled.__setstate__(copy.deepcopy(pickled))
+    for restored in (loaded, unpickled):
+        assert all(set(OLD_KEYS) <= set(group) for group in restored.param_groups)
+    assert torch.equal(train(copy.deepcopy(model), loaded, 3), expected)
+
+
+@pytest.mark.parametrize("lr", [np.float32(0.01), np.float64(0.01), torch.tensor(0.01), 1])
+def test_learning_rates_of_the_types_torch_accepts(lr):
+    actual = run_rule(ADAM, steps=5, dtype=torch.float32, lr=lr)
+    expected = run_rule(ADAM, steps=5, dtype=torch.float32, lr=float(lr))
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+
+
+def fixed_gradient_run(make_optimizer, weight_decay, foreach, steps=6):
+    """Parameters of two groups (weight decay λ and 0) after steps with fixed gradients."""
+    rng = torch.Generator().manual_seed(0)
+    a, b = (torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64, generator=rng)) for _ in "ab")
+    grads = [torch.randn(2, 4, 3, dtype=torch.float64, generator=rng) for _ in range(steps)]
+    optimizer = make_optimizer(
+        [{"params": [a], "weight_decay": weight_decay}, {"params": [b]}], foreach
+    )
+    trajectory = [(a.detach().clone(), b.detach().clone())]
+    for grad in grads:
+        a.grad, b.grad = grad[0], grad[1]
+        optimizer.step()
+        trajectory.append((a.detach().clone(), b.detach().clone()))
+    return trajectory
+
+
+WEIGHT_DECAY_OPTIMIZERS = {
+    "SymbolicOptimizer": lambda groups, foreach: SymbolicOptimizer(
+        groups, POWERSIGN, lr=0.05, foreach=foreach
+    ),
+    "PowerSign": lambda groups, foreach: PowerSign(groups, lr=0.05, foreach=foreach),
+    "AddSign": lambda groups, foreach: AddSign(groups, lr=0.05, foreach=foreach),
+}
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("name", WEIGHT_DECAY_OPTIMIZERS)
+def test_decoupled_weight_decay_per_group(name, foreach):
+    """w_t = (1 − lr·λ)·w_{t−1} − lr·Δ_t, Δ_t the update without decay (fixed gradients), in the
+    group that asks for it only."""
+    make = WEIGHT_DECAY_OPTIMIZERS[name]
+    plain = fixed_gradient_run(make, 0.0, foreach)
+    decayed = fixed_gradient_run(make, 0.1, foreach)
+    expected = plain[0][0]
+    for (before, _), (after, _), (actual, _) in zip(plain, plain[1:], decayed[1:], strict=False):
+        expected = (1 - 0.05 * 0.1) * expected + (after - before)
+        torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
+    assert all(torch.equal(p[1], d[1]) for p, d in zip(plain, decayed, strict=True))
+
+
+def test_weight_decay_is_adamw():
+    model = make_model()
+    expected = train(model, torch.optim.AdamW(groups(model), weight_decay=0.1), 30)
+    actual = run_rule(ADAM, steps=30, weight_decay=0.1)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"betas": (0.8, 0.99), "eps": 1e-4}, {"maximize": True}, {"betas": (0.5, 0.9), "eps": 0.1}],
+)
+def test_betas_eps_and_maximize_are_adams(options):
+    model = make_model()
+    expected = train(model, torch.optim.Adam(groups(model), **options), 30)
+    actual = run_rule(ADAM, steps=30, **options)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-13)
+
+
+def test_beta3_drives_gamma_and_the_key_does_not_change():
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    optimizer = SymbolicOptimizer([w], "gamma g id id keep", lr=1.0, betas=(0.9, 0.999, 0.5))
+    assert optimizer.param_groups[0]["rule_key"] == parse("gamma g id id keep").key
+    gamma, expected = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for t, value in enumerate([1.0, -2.0, 0.5], start=1):
+        w.grad = torch.full((3,), value, dtype=torch.float64)
+        optimizer.step()
+        gamma = 0.5 * gamma + 0.5 * value**3
+        expected -= gamma / (1 - 0.5**t)
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-14, atol=0)
+
+
+def test_preset_names_where_a_rule_is_expected():
+    params = [torch.nn.Parameter(torch.ones(2))]
+    assert SymbolicOptimizer(params, "powersign").rule == parse(POWERSIGN)
+    state = {}
+    symbolic_update([torch.ones(2)], [torch.ones(2)], [state], rule="adam", lr=0.1)
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+    with pytest.raises(DSLSyntaxError, match="known presets: sgd, momentum, adam"):
+        SymbolicOptimizer(params, "powersine")
+
+
+def test_repr_and_state_dict_name_the_rule_in_dsl():
+    optimizer = SymbolicOptimizer([torch.nn.Parameter(torch.ones(2))], "adam")
+    assert f"rule: {ADAM}\n" in repr(optimizer)
+    assert optimizer.state_dict()["param_groups"][0]["rule"] == ADAM
+
+
+def test_a_rule_per_parameter_group():
+    """A sign rule for the weights, SGD for the biases: the same as two optimizers."""
+    model = make_model()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    mixed = SymbolicOptimizer([{"params": weights}], "powersign", lr=0.01)
+    mixed.add_param_group({"params": biases, "rule": parse(SGD), "lr": 0.1})
+    actual = train(model, mixed, 10)
+    model = make_model()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    pair = [SymbolicOptimizer(weights, POWERSIGN, lr=0.01), SymbolicOptimizer(biases, SGD, lr=0.1)]
+    expected = train(model, Both(pair), 10)
+    assert torch.equal(actual, expected)
+    assert all(set(mixed.state[p]) == {"step"} for p in mixed.param_groups[1]["params"])
+    assert [g["rule"] for g in mixed.state_dict()["param_groups"]] == [POWERSIGN, SGD]
+    other = SymbolicOptimizer([{"params": weights}, {"params": biases}], POWERSIGN)
+    with pytest.raises(ValueError, match="another rule"):
+        other.load_state_dict(mixed.state_dict())
+    with pytest.raises(ValueError, match="needs total_steps"):
+        mixed.add_param_group(
+            {"params": [torch.nn.Parameter(torch.ones(1))], "rule": "ld g id id mul"}
+        )
+
+
+class Both:
+    """Two optimizers stepped as one (the reference of the per-group rule test)."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+
+    def zero_grad(self):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()

@@ -83,7 +83,7 @@ code.key { font-size: .75em; word-break: break-all; color: #4b5563; }
 svg, img { max-width: 100%; height: auto; }
 figure { display: inline-block; margin: .5rem 1rem .5rem 0; vertical-align: top; }
 figcaption { font-size: .85rem; color: #4b5563; max-width: 40rem; }
-figure.tree svg { width: 21rem; }
+figure.tree svg { zoom: .7; }  /* every tree at one scale */
 .math { display: inline-block; vertical-align: middle; }
 .note { color: #4b5563; }
 """

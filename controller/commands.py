@@ -133,15 +133,20 @@ def _status_command(args: argparse.Namespace) -> None:
 
 
 def _report_command(args: argparse.Namespace) -> None:
-    from nos_sym.controller.report import write_report
+    from nos_sym.controller.report import write_report, write_report_html
 
+    if args.output is None and args.html is None:
+        raise SearchError("nothing to write: give -o FILE.png, --html FILE.html or both")
     load_config(args.run_dir)
     try:
-        png, markdown = write_report(args.run_dir, args.output)
+        written = list(write_report(args.run_dir, args.output)) if args.output else []
+        if args.html:
+            written.append(write_report_html(args.run_dir, args.html))
     except OSError as error:
-        raise SearchError(f"cannot write {args.output}: {error.strerror or error}") from None
-    print(png)
-    print(markdown)
+        where = error.filename or args.html or args.output
+        raise SearchError(f"cannot write {where}: {error.strerror or error}") from None
+    for path in written:
+        print(path)
 
 
 def add_search_commands(subparsers) -> None:
@@ -164,5 +169,6 @@ def add_search_commands(subparsers) -> None:
 
     report = subparsers.add_parser("report", help="reward curves and best trees of a run")
     report.add_argument("run_dir")
-    report.add_argument("-o", "--output", required=True, help="FILE.png (a FILE.md goes beside)")
+    report.add_argument("-o", "--output", help="FILE.png (a FILE.md goes beside)")
+    report.add_argument("--html", help="FILE.html: one self-contained page (works offline)")
     report.set_defaults(run=_report_command)

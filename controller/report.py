@@ -1,13 +1,45 @@
-"""``nos-sym report``: the paper's Figure 4 for a run, the trees of its best rules, a summary."""
+"""``nos-sym report``: the paper's Figure 4 for a run, the trees of its best rules, a summary;
+as a PNG with a Markdown summary, or as one self-contained HTML page."""
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
-from nos_sym.controller.search import leaderboard, status, steps
-from nos_sym.dsl import parse
-from nos_sym.render import draw_graph
+from nos_sym.controller.search import leaderboard, load_config, status, steps
+from nos_sym.dsl import Rule, as_rule, parse
+from nos_sym.html_report import (
+    Html,
+    Section,
+    escape,
+    figure_html,
+    figure_svg,
+    math_html,
+    table_html,
+    write_html,
+)
+from nos_sym.render import draw_graph, tree_size
+
+
+def draw_rewards(axes, history: Sequence[tuple[int, Sequence[float]]], title: str) -> None:
+    """Reward of the sampled rules per controller step on matplotlib ``axes``: the mean and the
+    max of each step's samples, and the best so far."""
+    if history:
+        xs = [step for step, _ in history]
+        means = [sum(r) / len(r) for _, r in history]
+        maxima = [max(r) for _, r in history]
+        best_so_far = [max(maxima[: i + 1]) for i in range(len(maxima))]
+        axes.plot(xs, means, label="mean reward of the step's samples", color="#2563eb")
+        axes.plot(xs, maxima, label="max reward of the step's samples", color="#16a34a", alpha=0.7)
+        axes.plot(xs, best_so_far, label="best so far", color="#dc2626", linestyle="--")
+        axes.legend(loc="lower right")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set_xlabel("controller step")
+    axes.set_ylabel("reward (held-out accuracy)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
 
 
 def write_report(run_dir: str | Path, output: str | Path, top: int = 3) -> tuple[Path, Path]:
@@ -20,25 +52,10 @@ def write_report(run_dir: str | Path, output: str | Path, top: int = 3) -> tuple
     import matplotlib.pyplot as plt
 
     output = Path(output)
-    history = list(steps(run_dir))
     best_rules = leaderboard(run_dir, n=top)
     figure = plt.figure(figsize=(12, 8.5))
     grid = figure.add_gridspec(2, max(1, len(best_rules)), height_ratios=(1, 1.3))
-    curve = figure.add_subplot(grid[0, :])
-    if history:
-        xs = [step for step, _ in history]
-        means = [sum(r) / len(r) for _, r in history]
-        maxima = [max(r) for _, r in history]
-        best_so_far = [max(maxima[: i + 1]) for i in range(len(maxima))]
-        curve.plot(xs, means, label="mean reward of the step's samples", color="#2563eb")
-        curve.plot(xs, maxima, label="max reward of the step's samples", color="#16a34a", alpha=0.7)
-        curve.plot(xs, best_so_far, label="best so far", color="#dc2626", linestyle="--")
-        curve.legend(loc="lower right")
-    curve.xaxis.get_major_locator().set_params(integer=True)
-    curve.set_xlabel("controller step")
-    curve.set_ylabel("reward (held-out accuracy)")
-    curve.set_title(f"search run {Path(run_dir).name}")
-    curve.grid(alpha=0.3)
+    draw_rewards(figure.add_subplot(grid[0, :]), list(steps(run_dir)), _title(run_dir))
     for column, entry in enumerate(best_rules):
         axes = figure.add_subplot(grid[1, column])
         title = f"#{column + 1}  reward {entry['reward']:.4f}\n" + textwrap.fill(entry["dsl"], 40)
@@ -61,3 +78,79 @@ def write_report(run_dir: str | Path, output: str | Path, top: int = 3) -> tuple
         f"{rows}\n"
     )
     return output, markdown
+
+
+def _title(run_dir: str | Path) -> str:
+    return f"search run {Path(run_dir).name}"
+
+
+def _minimal_dsl(rule: Rule) -> str:
+    return getattr(rule, "minimal_dsl", rule.dsl)  # minimal_dsl lands with issue 11
+
+
+def _tree_svg(rule: Rule, caption: str) -> Html:
+    """The expression tree of ``rule`` as an inline SVG figure."""
+    from matplotlib.figure import Figure
+
+    graph = rule.tree("expr")
+    width, depth = tree_size(graph)
+    figure = Figure(figsize=(max(4.0, 1.6 * width), max(3.0, 1.1 * depth + 1)))
+    draw_graph(graph, figure.subplots(), textwrap.fill(_minimal_dsl(rule), 48))
+    figure.tight_layout()
+    return figure_html(figure_svg(figure), caption, css_class="tree")
+
+
+def run_sections(run_dir: str | Path, top: int = 3, n: int = 10) -> list[Section]:
+    """The sections of a run's page: accounting, reward curve, leaderboard of the ``n`` best
+    rules (Δ typeset, minimal DSL, key), expression trees of the ``top`` best, config."""
+    from matplotlib.figure import Figure
+
+    config, run_id = load_config(run_dir)
+    counts = status(run_dir)
+    history = list(steps(run_dir))
+    ranked = [(entry, as_rule(entry["dsl"])) for entry in leaderboard(run_dir, n=max(n, top))]
+
+    identity = (
+        "samples = evaluated + from_store + degenerate: {samples} = {evaluated} + "
+        "{from_store} + {degenerate}".format(**counts)
+    )
+    accounting = table_html(["count", "value"], counts.items(), numeric=[1])
+    curve = Figure(figsize=(10, 4))
+    draw_rewards(curve.subplots(), history, _title(run_dir))
+    curve.tight_layout()
+    rows = [
+        (
+            i,
+            f"{entry['reward']:.4f}",
+            entry["status"],
+            math_html(rule.latex()),
+            Html(f"<code>{escape(_minimal_dsl(rule))}</code>"),
+            Html(f'<code class="key">{escape(rule.key)}</code>'),
+        )
+        for i, (entry, rule) in enumerate(ranked[:n], start=1)
+    ]
+    board = (
+        table_html(["#", "reward", "status", "Δ", "minimal DSL", "key"], rows, numeric=[0, 1])
+        if rows
+        else Html('<p class="note">no rule evaluated yet</p>')
+    )
+    trees = Html(
+        "\n".join(
+            _tree_svg(rule, f"#{i}  reward {entry['reward']:.4f}")
+            for i, (entry, rule) in enumerate(ranked[:top], start=1)
+        )
+        or '<p class="note">no rule evaluated yet</p>'
+    )
+    settings = [*dataclasses.asdict(config).items(), ("run_id", run_id)]
+    return [
+        Section("Accounting", Html(f"<p>{escape(identity)}</p>\n{accounting}")),
+        Section("Reward per controller step", figure_svg(curve)),
+        Section("Leaderboard", board),
+        Section("Best rules' trees", trees),
+        Section("Config", table_html(["setting", "value"], settings)),
+    ]
+
+
+def write_report_html(run_dir: str | Path, path: str | Path, top: int = 3, n: int = 10) -> Path:
+    """Write a run's report as one self-contained HTML page (:func:`run_sections`) to ``path``."""
+    return write_html(path, _title(run_dir), run_sections(run_dir, top, n), intro=str(run_dir))

@@ -166,3 +166,34 @@ def test_evaluate_baselines_table():
     assert all(0 <= row["mean"] <= 1 and row["seeds"] == [0] for row in rows)
     table = nos_sym("evaluate", "--baselines", "--dataset", "synthetic", "--seeds", "0")
     assert table.stdout.startswith("| optimizer |") and "adam" in table.stdout
+
+
+def test_report_html_and_png(run_dir, tmp_path):
+    page, png = tmp_path / "report.html", tmp_path / "report.png"
+    done = nos_sym("report", str(run_dir), "--html", str(page))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(page)] and not png.exists()
+    assert page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    done = nos_sym("report", str(run_dir), "-o", str(png), "--html", str(page))
+    assert done.stdout.splitlines() == [str(png), str(png.with_suffix(".md")), str(page)]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "nothing to write: give -o FILE.png, --html FILE.html or both"),
+        (["--html", "{tmp}/missing/r.html"], "cannot write {tmp}/missing/r.html"),
+        (["-o", "{tmp}/missing/r.png"], "cannot write {tmp}/missing/r.png"),
+    ],
+)
+def test_report_errors_are_one_line(run_dir, tmp_path, args, message):
+    done = nos_sym("report", str(run_dir), *(arg.format(tmp=tmp_path) for arg in args))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert message.format(tmp=tmp_path) in lines[0]
+
+
+def test_report_of_a_directory_that_is_no_run(tmp_path):
+    done = nos_sym("report", str(tmp_path), "--html", str(tmp_path / "r.html"))
+    assert done.returncode == 2 and "not a search run directory" in done.stderr
+    assert not (tmp_path / "r.html").exists()

@@ -56,12 +56,44 @@ _EXPECTED = {
 }
 
 
+@lark.v_args(inline=True)
+class _GroupBuilder(lark.Transformer):
+    """Builds a rule's groups from the grammar's own structure while the LALR parser reduces
+    (as lark's calc example computes): ``operand``/``unary``/``binary`` become their token, a
+    ``group`` the tuple of its five tokens, ``start`` the tuple of groups. Tokens keep their
+    line and column for the bank check of :func:`_groups`."""
+
+    def operand(self, token: lark.Token) -> lark.Token:
+        return token
+
+    unary = binary = operand
+
+    def group(self, *tokens: lark.Token) -> tuple[lark.Token, ...]:
+        return tokens
+
+    def start(self, *groups: tuple[lark.Token, ...]) -> tuple[tuple[lark.Token, ...], ...]:
+        return groups
+
+
 @cache
 def grammar() -> lark.Lark:
-    """The LALR parser of ``nos.lark`` (built once)."""
+    """The LALR parser of ``nos.lark`` with :class:`_GroupBuilder` (built once); ``parse``
+    returns the groups as tuples of tokens."""
     return lark.Lark.open_from_package(
-        "nos_sym.grammar", "nos.lark", parser="lalr", propagate_positions=False
+        "nos_sym.grammar",
+        "nos.lark",
+        parser="lalr",
+        propagate_positions=False,
+        transformer=_GroupBuilder(),
     )
+
+
+_SHOWN_CHARACTERS = 40
+"""Longer words are cut in messages (a 5000-digit ``o999…`` must not fill the screen)."""
+
+
+def _shown(word: str) -> str:
+    return word if len(word) <= _SHOWN_CHARACTERS else word[:_SHOWN_CHARACTERS] + "…"
 
 
 def _position(text: str, offset: int) -> tuple[int, int]:
@@ -76,7 +108,7 @@ def _word_at(text: str, offset: int) -> str:
     end = offset
     while end < len(text) and text[end] not in " \t\n\r\f\v;":
         end += 1
-    return repr(text[offset : max(end, offset + 1)])
+    return repr(_shown(text[offset : max(end, offset + 1)]))
 
 
 def _describe_expected(terminals: set[str]) -> str:
@@ -84,7 +116,7 @@ def _describe_expected(terminals: set[str]) -> str:
     if not kinds and "BANK_OPERAND" in terminals:
         kinds = [_EXPECTED["BANK_OPERAND"]]
     described = [f"{what} ({', '.join(names[:4])}, ...)" for what, names in kinds]
-    if "SEPARATOR" in terminals or "$END" in terminals:
+    if "_SEPARATOR" in terminals or "$END" in terminals:
         described.append("';', the next group or the end of the rule")
     return " or ".join(described) or "nothing more"
 
@@ -100,15 +132,15 @@ def _check_characters(text: str) -> None:
             raise _error(text, offset, f"unexpected character {character!r}")
 
 
-def _tokens(text: str) -> list[lark.Token]:
-    """The rule's tokens in reading order (separators dropped)."""
+def _parsed(text: str) -> tuple[tuple[lark.Token, ...], ...]:
+    """The rule's groups of tokens, as the grammar reads them."""
     if not isinstance(text, str):
         raise DSLSyntaxError(
             f"a rule is a str, got {type(text).__name__}", line=1, column=1, text=repr(text)
         )
     _check_characters(text)
     try:
-        tree = grammar().parse(text)
+        return grammar().parse(text)
     except lark.exceptions.UnexpectedInput as error:
         offset = getattr(error, "pos_in_stream", None)
         token = getattr(error, "token", None)
@@ -123,28 +155,30 @@ def _tokens(text: str) -> list[lark.Token]:
         raise _error(
             text, offset, f"expected {_describe_expected(set(expected))}, got {got}"
         ) from None
-    return [
-        token
-        for token in tree.scan_values(lambda v: isinstance(v, lark.Token))
-        if token.type != "SEPARATOR"
-    ]
+
+
+def _reads_a_later_group(token: lark.Token, group: int) -> bool:
+    """Whether bank operand ``oK`` in (1-based) group ``group`` names K ≥ group. Compared as
+    digit strings first: ``int()`` refuses texts of more than 4300 digits."""
+    digits = token[1:]
+    return len(digits) > len(str(group)) or int(digits) >= group
 
 
 def _groups(text: str) -> tuple[tuple[str, ...], ...]:
-    tokens = _tokens(text)
-    groups = tuple(tuple(map(str, tokens[i : i + 5])) for i in range(0, len(tokens), 5))
-    for index, token in enumerate(tokens):
-        if token.type == "BANK_OPERAND" and int(token[1:]) > index // 5:
-            group = index // 5 + 1
-            available = f"o1..o{group - 1}" if group > 2 else ("o1" if group == 2 else "none")
-            raise DSLSyntaxError(
-                f"{token} used in group {group}, before group {int(token[1:])} is computed"
-                f" (available here: {available})",
-                line=token.line,
-                column=token.column,
-                text=text,
-            )
-    return groups
+    """The validated groups: parsed, and every bank operand ``oK`` reads a group before its own."""
+    groups = _parsed(text)
+    for group, tokens in enumerate(groups, start=1):
+        for token in tokens[:2]:
+            if token.type == "BANK_OPERAND" and _reads_a_later_group(token, group):
+                available = f"o1..o{group - 1}" if group > 2 else ("o1" if group == 2 else "none")
+                raise DSLSyntaxError(
+                    f"{_shown(token)} used in group {group}, before group {_shown(token[1:])} is"
+                    f" computed (available here: {available})",
+                    line=token.line,
+                    column=token.column,
+                    text=text,
+                )
+    return tuple(tuple(map(str, tokens)) for tokens in groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +362,15 @@ def parse(text: str) -> Rule:
     Raises :class:`DSLSyntaxError` (with 1-based ``line`` and ``column``) for every bad input.
     """
     groups = _groups(text)
-    expr = canonical_expression(groups)
+    try:
+        expr = canonical_expression(groups)
+    except RecursionError:  # SymPy and the builder recurse: about 100 nested groups is the limit
+        raise DSLSyntaxError(
+            f"rule nested too deeply to canonicalize ({len(groups)} groups)",
+            line=1,
+            column=1,
+            text=text,
+        ) from None
     dsl = " ; ".join(" ".join(group) for group in groups)
     return Rule(dsl=dsl, groups=groups, sympy=expr, key=canonical_key(expr))
 

@@ -243,6 +243,16 @@ BAD = [
     ("__import__('os').system('true')", 1, 11, "unexpected character '('"),
     ("g g id id keep\ng g id id kep", 2, 11, "got 'kep'"),
     ("g\u00a0g id id keep", 1, 2, "unexpected character"),
+    # bank operands beyond Python's int-conversion limit (4300 digits), found by fuzzing
+    ("o" + "9" * 5000 + " g id id keep", 1, 1, "used in group 1, before group 9999"),
+    ("g g id id keep ;\n g o" + "1" * 5000 + " id id add", 2, 4, "used in group 2"),
+    # SymPy's recursion limit: a chain of 150 groups, each reading the one before
+    (
+        "g m id id add" + "".join(f" ; o{k} noise drop_0.1 id div" for k in range(1, 150)),
+        1,
+        1,
+        "nested too deeply to canonicalize (150 groups)",
+    ),
 ]
 
 
@@ -444,3 +454,38 @@ def test_fuzz_token_soups(text):
 @given(st.one_of(st.text(max_size=40), st.binary(max_size=40).map(lambda b: b.decode("latin-1"))))
 def test_fuzz_random_text(text):
     _parses_or_raises_syntax_error(text)
+
+
+_DSL_CHARACTERS = "abcdeilmnopqrstuvwxyz0123456789_.-; \n"
+_BANK_OPERANDS = st.builds(
+    lambda digits, repeat: "o" + digits * repeat,
+    st.text("0123456789", min_size=1, max_size=3),
+    st.sampled_from([1, 2, 1500, 3000]),
+)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(st.sampled_from(SOUP), _BANK_OPERANDS, st.text(_DSL_CHARACTERS, max_size=12)),
+        max_size=40,
+    ).map(" ".join)
+)
+def test_fuzz_any_text_is_a_rule_or_a_syntax_error(text):
+    """Nothing but a Rule or a DSLSyntaxError: the DSL's characters in any order, token soups
+    and bank operands of any size (``int()`` refuses more than 4300 digits)."""
+    _parses_or_raises_syntax_error(text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(groups(), st.data())
+def test_fuzz_bank_operands_of_any_size(rule_groups, data):
+    """Valid rules with operands replaced by bank operands of any size, in range or not."""
+    replaced = [
+        tuple(
+            data.draw(st.one_of(st.just(t), _BANK_OPERANDS)) if i < 2 else t
+            for i, t in enumerate(g)
+        )
+        for g in rule_groups
+    ]
+    _parses_or_raises_syntax_error(_text(replaced))

@@ -20,8 +20,8 @@ from functools import cache, cached_property, lru_cache
 import lark
 import sympy as sp
 
-from nos_sym import primitives
-from nos_sym.primitives import BY_TOKEN, Stochastic
+from nos_sym import notation, primitives
+from nos_sym.primitives import BY_TOKEN, Stochastic, is_bank_operand
 
 CANONICAL_VERSION = "nos_sym.canonical/1"
 """Bumped whenever the canonical form changes, so old cached rewards never mix with new keys."""
@@ -184,11 +184,6 @@ def _groups(text: str) -> tuple[tuple[str, ...], ...]:
 # --------------------------------------------------------------------------------------------
 # The canonical expression
 # --------------------------------------------------------------------------------------------
-def is_bank_operand(token: str) -> bool:
-    """Whether a token is a bank operand ``oK``."""
-    return token[0] == "o" and token[1:].isdigit()
-
-
 def _label_symbol(index: int, prefix: str = "k") -> sp.Symbol:
     return sp.Symbol(f"{prefix}{index}", integer=True, nonnegative=True)
 
@@ -332,20 +327,16 @@ class Rule:
 
     # ---- views ------------------------------------------------------------------------------
     def latex(self) -> str:
-        """Δ in the paper's notation."""
-        from nos_sym.render import latex
-
-        return latex(self.sympy)
+        """Δ in the paper's notation (:func:`nos_sym.notation.latex`)."""
+        return notation.latex(self.sympy)
 
     def tree(self, view: str = "expr"):
         """A ``networkx.DiGraph`` of the canonical expression (``view="expr"``) or of the DSL's
         groups as the paper's Figure 2 draws them (``view="dsl"``)."""
-        from nos_sym.render import dsl_tree, expression_tree
-
         if view == "expr":
-            return expression_tree(self.sympy)
+            return notation.expression_tree(self.sympy)
         if view == "dsl":
-            return dsl_tree(self.groups)
+            return notation.dsl_tree(self.groups)
         raise ValueError(f"unknown tree view {view!r}: expected 'expr' or 'dsl'")
 
     def fingerprint(self, probes: int = 64, seed: int = 0, digits: int = 6) -> str:
@@ -390,4 +381,12 @@ def as_rule(rule: Rule | str) -> Rule:
     raise TypeError(f"rule must be a DSL string or a Rule, got {type(rule).__name__}")
 
 
-__all__ = ["CANONICAL_VERSION", "DSLSyntaxError", "Rule", "as_rule", "canonical_key", "parse"]
+__all__ = [
+    "CANONICAL_VERSION",
+    "DSLSyntaxError",
+    "Rule",
+    "as_rule",
+    "canonical_key",
+    "is_bank_operand",
+    "parse",
+]

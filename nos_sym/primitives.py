@@ -467,3 +467,20 @@ def tokens(kind: Kind) -> tuple[str, ...]:
 OPERANDS = tokens(Kind.OPERAND)
 UNARY = tokens(Kind.UNARY)
 BINARY = tokens(Kind.BINARY)
+
+
+def is_bank_operand(token: str) -> bool:
+    """Whether a token is a bank operand ``oK`` (the result of group K), not a row of the table."""
+    return token[0] == "o" and token[1:].isdigit()
+
+
+SYMBOL_LATEX: dict[sp.Symbol, str] = {
+    EPS: r"\epsilon",
+    **{
+        expression: primitive.latex
+        for primitive in PRIMITIVES
+        if primitive.kind is Kind.OPERAND and (expression := primitive.sympy(sp.Dummy)).is_Symbol
+    },
+}
+"""How each symbol of the canonical form prints: the ``latex`` of the operand that is that
+symbol (``m`` → ``\\hat{m}``), and ε."""

@@ -21,7 +21,8 @@ import lark
 import sympy as sp
 
 from nos_sym import notation, primitives
-from nos_sym.primitives import BY_TOKEN, Stochastic, is_bank_operand
+from nos_sym.groups import bank_index, is_bank_operand, minimal_groups, to_text
+from nos_sym.primitives import BY_TOKEN, Stochastic
 
 CANONICAL_VERSION = "nos_sym.canonical/1"
 """Bumped whenever the canonical form changes, so old cached rewards never mix with new keys."""
@@ -198,7 +199,7 @@ def _build(groups: tuple[tuple[str, ...], ...]) -> sp.Expr:
 
     def operand(token: str) -> sp.Expr:
         if is_bank_operand(token):
-            return group(int(token[1:]) - 1)
+            return group(bank_index(token))
         return BY_TOKEN[token].sympy(next_label)
 
     def group(index: int) -> sp.Expr:
@@ -325,6 +326,14 @@ class Rule:
             live.add("anneal_noise")
         return tuple(sorted(live))
 
+    @cached_property
+    def minimal_dsl(self) -> str:
+        """The rule with only its live groups, renumbered, and the dead side of each ``keep``
+        written as op1 repeated and ``id`` (:func:`nos_sym.groups.minimal_groups`):
+        ``noise w_1e-1 drop_0.1 drop_0.1 keep ; m o1 sign id keep`` is ``m m sign id keep``.
+        ``parse(rule.minimal_dsl).key == rule.key``, and the minimal form is its own."""
+        return to_text(minimal_groups(self.groups))
+
     # ---- views ------------------------------------------------------------------------------
     def latex(self) -> str:
         """Δ in the paper's notation (:func:`nos_sym.notation.latex`)."""
@@ -362,8 +371,7 @@ def parse(text: str) -> Rule:
             column=1,
             text=text,
         ) from None
-    dsl = " ; ".join(" ".join(group) for group in groups)
-    return Rule(dsl=dsl, groups=groups, sympy=expr, key=canonical_key(expr))
+    return Rule(dsl=to_text(groups), groups=groups, sympy=expr, key=canonical_key(expr))
 
 
 @lru_cache(maxsize=65_536)

@@ -14,7 +14,8 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter
 
 from nos_sym import primitives
-from nos_sym.primitives import BY_TOKEN, SYMBOL_LATEX, Stochastic, is_bank_operand, power_of_ten
+from nos_sym.groups import is_bank_operand, live_groups, read_operands
+from nos_sym.primitives import BY_TOKEN, SYMBOL_LATEX, Stochastic, power_of_ten
 
 
 class PaperLatexPrinter(LatexPrinter):
@@ -111,24 +112,21 @@ def dsl_tree(groups: Sequence[Sequence[str]]) -> nx.DiGraph:
     named ``"k.b"``, ``"k.u1"``, ``"k.op1"``...; attributes ``label``, ``kind`` (operand, unary,
     binary), ``group``, ``live`` (whether Δ reads it) and ``layer``."""
     graph = nx.DiGraph()
-    for k, (op1, op2, unary1, unary2, binary) in enumerate(groups, start=1):
-        graph.add_node(f"{k}.b", label=binary, kind="binary", group=k)
+    live = set(live_groups(groups))
+    for k, group in enumerate(groups, start=1):
+        op1, op2, unary1, unary2, binary = group
+        reads = len(read_operands(group)) if k - 1 in live else 0  # live sides: 0, 1 or 2
+        graph.add_node(f"{k}.b", label=binary, kind="binary", group=k, live=reads > 0)
         for side, operand, unary in ((1, op1, unary1), (2, op2, unary2)):
-            graph.add_node(f"{k}.u{side}", label=unary, kind="unary", group=k)
+            graph.add_node(f"{k}.u{side}", label=unary, kind="unary", group=k, live=side <= reads)
             graph.add_edge(f"{k}.b", f"{k}.u{side}", position=side - 1)
             target = f"{operand[1:]}.b" if is_bank_operand(operand) else f"{k}.op{side}"
             if not is_bank_operand(operand):
-                latex_of = BY_TOKEN[operand].latex
-                graph.add_node(target, label=_math(latex_of), kind="operand", group=k)
+                label = _math(BY_TOKEN[operand].latex)
+                graph.add_node(target, label=label, kind="operand", group=k, live=side <= reads)
             graph.add_edge(f"{k}.u{side}", target, position=0)
-    root = f"{len(groups)}.b"
-    dead_edges = {(f"{k}.b", f"{k}.u2") for k, group in enumerate(groups, 1) if group[4] == "keep"}
-    live_graph = graph.edge_subgraph(edge for edge in graph.edges if edge not in dead_edges)
-    live = {root} | (nx.descendants(live_graph, root) if root in live_graph else set())
-    layers = _layers(graph)
-    for node in graph:
-        graph.nodes[node]["live"] = node in live
-        graph.nodes[node]["layer"] = layers[node]
+    for node, layer in _layers(graph).items():
+        graph.nodes[node]["layer"] = layer
     return graph
 
 

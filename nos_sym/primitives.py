@@ -469,11 +469,6 @@ UNARY = tokens(Kind.UNARY)
 BINARY = tokens(Kind.BINARY)
 
 
-def is_bank_operand(token: str) -> bool:
-    """Whether a token is a bank operand ``oK`` (the result of group K), not a row of the table."""
-    return token[0] == "o" and token[1:].isdigit()
-
-
 SYMBOL_LATEX: dict[sp.Symbol, str] = {
     EPS: r"\epsilon",
     **{

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import nos_sym
 from nos_sym import primitives as P
 from nos_sym.dsl import CANONICAL_VERSION, DSLSyntaxError, grammar, parse
+from nos_sym.groups import live_groups
 
 LONG = os.environ.get("NOS_LONG") == "1"
 FUZZ_EXAMPLES = 200_000 if LONG else 10_000
@@ -404,6 +405,57 @@ def test_canonical_form_computes_what_the_groups_say(rule_groups):
     finite = literal.isfinite() & canonical.isfinite() & (largest < 1e12)
     tolerance = 1e-9 * (1 + largest[finite]) + 1e-7 * literal[finite].abs()
     assert ((canonical[finite] - literal[finite]).abs() <= tolerance).all(), rule.dsl
+
+
+# ---------------------------------------------------------------------------------------------
+# The minimal form: live groups only, renumbered, keep's dead side as op1 repeated and id
+# ---------------------------------------------------------------------------------------------
+MINIMAL = [
+    ("noise w_1e-1 drop_0.1 drop_0.1 keep ; m o1 sign id keep", "m m sign id keep"),
+    ("g g id id keep", "g g id id keep"),
+    ("g noise id drop_0.5 keep", "g g id id keep"),
+    ("v g sqrt id keep ; m o1 id id div", "v v sqrt id keep ; m o1 id id div"),
+    ("m v id id div ; g g id id keep", "g g id id keep"),
+    ("g m id id add ; m v id id div ; o1 o1 exp id mul", "g m id id add ; o1 o1 exp id mul"),
+    ("g g id id keep ; o1 o1 neg id add ; o1 o2 id exp keep", "g g id id keep ; o1 o1 id id keep"),
+    (
+        "m v id id add ; g g id id keep ; o2 o1 exp id mul",
+        "m v id id add ; g g id id keep ; o2 o1 exp id mul",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "minimal"), MINIMAL)
+def test_minimal_dsl_examples(text, minimal):
+    rule = parse(text)
+    assert rule.minimal_dsl == minimal
+    assert parse(minimal).key == rule.key
+
+
+def _assert_minimal_form(rule) -> None:
+    minimal = parse(rule.minimal_dsl)
+    assert minimal.key == rule.key, (rule.dsl, rule.minimal_dsl)
+    assert minimal.minimal_dsl == rule.minimal_dsl  # idempotent
+    assert live_groups(minimal.groups) == tuple(range(len(minimal.groups)))  # nothing dead
+    assert len(minimal.groups) <= len(rule.groups)
+
+
+@PROPERTY
+@given(groups(max_groups=5))
+def test_minimal_dsl_keeps_the_key_and_is_its_own_minimal_form(rule_groups):
+    _assert_minimal_form(parse(_text(rule_groups)))
+
+
+@PROPERTY
+@given(st.sampled_from(["paper", "paper-decay", "full"]), st.integers(0, 2**32 - 1))
+def test_minimal_dsl_of_rules_the_controller_samples(space_name, seed):
+    import torch
+
+    from nos_sym.controller.space import get_space, uniform_sample
+
+    space = get_space(space_name, groups=3)
+    tokens = uniform_sample(space, torch.Generator().manual_seed(seed))
+    _assert_minimal_form(parse(space.to_dsl(tokens)))
 
 
 # ---------------------------------------------------------------------------------------------

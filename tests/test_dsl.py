@@ -298,6 +298,33 @@ def test_table_rows_are_unique_and_complete():
         assert primitive.latex and primitive.description
 
 
+def _row_expression(primitive: P.Primitive) -> sp.Expr:
+    def label():
+        return sp.Symbol("k0", integer=True, nonnegative=True)
+
+    if primitive.kind is P.Kind.OPERAND:
+        return primitive.sympy(label)
+    if primitive.kind is P.Kind.UNARY:
+        return primitive.sympy(g, label)
+    return primitive.sympy(g, m)
+
+
+@pytest.mark.parametrize("primitive", P.PRIMITIVES, ids=lambda p: p.token)
+def test_every_row_declares_how_its_functions_compile(primitive):
+    """The rows' ``lowering`` covers every SymPy function class their expressions introduce,
+    and the compiler lowers each row alone."""
+    from nos_sym.compile import lower
+
+    expr = _row_expression(primitive)
+    functions = {
+        type(node) for node in sp.preorder_traversal(expr) if isinstance(node, sp.Function)
+    }
+    declared = {head for head, _ in primitive.lowering}
+    assert functions == declared
+    assert all(P.LOWERING[head] == name for head, name in primitive.lowering)
+    lower(expr)
+
+
 # ---------------------------------------------------------------------------------------------
 # Properties over random valid rules
 # ---------------------------------------------------------------------------------------------

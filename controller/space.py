@@ -48,6 +48,7 @@ from functools import cached_property
 
 import torch
 
+from nos_sym.groups import to_text
 from nos_sym.primitives import BINARY, BY_TOKEN, OPERANDS, PRIMITIVES, UNARY, Kind
 
 SPACE_VERSION = "nos_sym.space/1"
@@ -243,9 +244,8 @@ class SearchSpace:
 
     def to_dsl(self, tokens: Sequence[str]) -> str:
         """The DSL text of a whole rule, groups joined by ``" ; "`` (as ``Rule.dsl`` prints)."""
-        return " ; ".join(
-            " ".join(tokens[start : start + GROUP_LENGTH])
-            for start in range(0, self.length, GROUP_LENGTH)
+        return to_text(
+            tokens[start : start + GROUP_LENGTH] for start in range(0, self.length, GROUP_LENGTH)
         )
 
     def is_valid(self, tokens: Sequence[str]) -> bool:

@@ -1,12 +1,16 @@
 """Parsing the DSL and the canonical form of a rule.
 
-``parse(text)`` reads a rule with the Lark grammar ``grammar/nos.lark`` and builds its update Δ
-(w ← w − lr·Δ) as a SymPy expression from the primitives table. SymPy's automatic ordering of
-Add/Mul makes commuted copies identical; building only from the last group makes dead code
-(``keep``'s right argument, unused groups) vanish; stochastic occurrences carry labels that are
-renumbered in a canonical order, so every draw stays independent and commuted copies still
-collide. The canonical expression's ``srepr``, prefixed by :data:`CANONICAL_VERSION`, is hashed
-into :attr:`Rule.key`.
+``parse(text)`` reads a rule with the Lark grammar ``grammar/nos.lark``, whose Transformer
+(:class:`_GroupBuilder`) builds the groups ``(op1, op2, u1, u2, b)`` from the grammar's own
+structure; every bad input (characters, tokens, order, a bank operand ``oK`` naming a group not
+yet computed, a rule nested too deeply for SymPy) is a :class:`DSLSyntaxError` with 1-based line
+and column. From the groups it builds the update Δ (w ← w − lr·Δ) as a SymPy expression from the
+primitives table. SymPy's automatic ordering of Add/Mul makes commuted copies identical;
+building only from the last group makes dead code (``keep``'s right argument, unused groups)
+vanish; stochastic occurrences carry labels that are renumbered in a canonical order, so every
+draw stays independent and commuted copies still collide. The canonical expression's ``srepr``,
+prefixed by :data:`CANONICAL_VERSION`, is hashed into :attr:`Rule.key`. ``Rule.minimal_dsl`` is
+the rule without its dead code (:mod:`nos_sym.groups`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ is ``id`` (``x y u1 u2 keep`` → ``x x u1 id keep``). It has the same canonical
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 Group = tuple[str, str, str, str, str]
 """One group's tokens: ``(op1, op2, u1, u2, b)``."""
@@ -75,7 +75,7 @@ def minimal_groups(groups: Sequence[Sequence[str]]) -> tuple[Group, ...]:
     return tuple(minimal)
 
 
-def to_text(groups: Sequence[Sequence[str]]) -> str:
+def to_text(groups: Iterable[Sequence[str]]) -> str:
     """DSL text of groups: tokens joined by spaces, groups by ``" ; "`` (as ``Rule.dsl``)."""
     return " ; ".join(" ".join(group) for group in groups)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import networkx as nx
 
 from nos_sym.dsl import Rule, as_rule
-from nos_sym.notation import PaperLatexPrinter, dsl_tree, expression_tree, latex
+from nos_sym.notation import SYMBOL_LATEX, PaperLatexPrinter, dsl_tree, expression_tree, latex
 
 # --------------------------------------------------------------------------------------------
 # Pictures
@@ -136,6 +136,7 @@ def draw_tree(rule: Rule | str, path: str | Path, view: str = "expr") -> Path:
 
 
 __all__ = [
+    "SYMBOL_LATEX",
     "PaperLatexPrinter",
     "draw_graph",
     "draw_tree",

@@ -15,12 +15,14 @@ Constraints (section 4.1 of the paper; the controller sets forbidden logits to �
 
 * ``distinct_operands``: op2 ≠ op1 within a group.
 * ``final_not_add``: the last group's binary function is not ``add``.
-* ``must_use_bank``: every group k ≥ 2 reads at least one bank operand, i.e. when op1 is not
-  a bank operand, op2 must be one. (A token-level rule: ``o1 g id id keep`` reads ``o1``,
-  ``g o1 id id keep`` counts as reading it too, although ``keep`` discards it.)
+* ``must_use_bank``: every group k ≥ 2 reads at least one bank operand, judged on what the
+  group really reads (:func:`nos_sym.groups.read_operands`: ``keep`` drops op2): op1 is a bank
+  operand, or op2 is one and b is not ``keep``. So when op1 is not a bank operand, op2 must be
+  one and b must not be ``keep`` (``g o1 id id keep`` reads only ``g``).
 
-Only op2 and the last binary slot are ever constrained, and op2 only by op1 of its own group,
-so groups are independent and the number of valid strings factorises (:func:`size`).
+Only op2 and the binary slots are ever constrained, each only by op1 of its own group (and the
+last binary slot by its position), so groups are independent and the number of valid strings
+factorises (:func:`size`).
 
 No mask is ever empty (checked by :meth:`SearchSpace.__post_init__`'s requirements):
 
@@ -29,7 +31,9 @@ No mask is ever empty (checked by :meth:`SearchSpace.__post_init__`'s requiremen
   the whole bank o1 … o_{k−1} (k − 1 ≥ 1 tokens, none equal to op1). Otherwise at most op1 is
   forbidden, from a vocabulary of ≥ 2 tokens (group 1: ≥ 2 operands are required when
   ``distinct_operands``; group k ≥ 2: ≥ 1 operand plus ≥ 1 bank operand).
-* the last binary slot: ``final_not_add`` requires a binary function other than ``add``.
+* binary slots: ``final_not_add`` requires a binary function other than ``add``; with
+  ``must_use_bank`` and k ≥ 2 groups, one other than ``keep`` (and, in the last group with
+  ``final_not_add``, other than both).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from functools import cached_property
 
 import torch
 
+from nos_sym.groups import to_text
 from nos_sym.primitives import BINARY, BY_TOKEN, OPERANDS, PRIMITIVES, UNARY, Kind
 
 SPACE_VERSION = "nos_sym.space/1"
@@ -119,6 +124,12 @@ class SearchSpace:
             raise ValueError("distinct_operands needs at least two operands")
         if self.final_not_add and self.binary == ("add",):
             raise ValueError("final_not_add needs a binary function other than add")
+        final_forbidden = {"keep"} | ({"add"} if self.final_not_add else set())
+        if self.must_use_bank and self.groups >= 2 and set(self.binary) <= final_forbidden:
+            raise ValueError(
+                "must_use_bank needs a binary function other than keep"
+                + (" and add (final_not_add)" if self.final_not_add else "")
+            )
 
     # ---- identity -----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -180,8 +191,13 @@ class SearchSpace:
             if self.must_use_bank and where.group >= 2:
                 first_is_bank = first >= len(self.operands)
                 allowed[:, : len(self.operands)] &= first_is_bank[:, None]
-        elif where.slot is Slot.BINARY and where.group == self.groups and self.forbids_final_add:
-            allowed[:, where.vocabulary.index("add")] = False
+        elif where.slot is Slot.BINARY:
+            if where.group == self.groups and self.forbids_final_add:
+                allowed[:, where.vocabulary.index("add")] = False
+            if self.must_use_bank and where.group >= 2 and "keep" in self.binary:
+                # keep drops op2: when op1 is not a bank operand the group would read none.
+                first_is_bank = prefixes[:, position - 4] >= len(self.operands)
+                allowed[:, where.vocabulary.index("keep")] &= first_is_bank
         return allowed
 
     def mask(self, position: int, prefix: Sequence[str]) -> torch.Tensor:
@@ -193,15 +209,18 @@ class SearchSpace:
 
     @cached_property
     def op1_completions(self) -> tuple[torch.Tensor, ...]:
-        """For each group, the number of allowed op2 tokens after each op1 (a long tensor over
-        op1's vocabulary). Everything else in a group is constrained independently of op1."""
+        """For each group, the number of allowed (op2, b) pairs after each op1 (a long tensor
+        over op1's vocabulary): op2 and b are constrained by op1 only, independently of each
+        other; the unary slots are never constrained."""
         counts = []
         for group in range(1, self.groups + 1):
             first = GROUP_LENGTH * (group - 1)
             size = len(self.positions[first].vocabulary)
-            prefixes = torch.zeros(size, first + 1, dtype=torch.long)
+            prefixes = torch.zeros(size, first + GROUP_LENGTH - 1, dtype=torch.long)
             prefixes[:, first] = torch.arange(size)
-            counts.append(self.batch_mask(first + 1, prefixes).sum(dim=1))
+            operand2 = self.batch_mask(first + 1, prefixes).sum(dim=1)
+            binary = self.batch_mask(first + GROUP_LENGTH - 1, prefixes).sum(dim=1)
+            counts.append(operand2 * binary)
         return tuple(counts)
 
     # ---- tokens ---------------------------------------------------------------------------
@@ -225,9 +244,8 @@ class SearchSpace:
 
     def to_dsl(self, tokens: Sequence[str]) -> str:
         """The DSL text of a whole rule, groups joined by ``" ; "`` (as ``Rule.dsl`` prints)."""
-        return " ; ".join(
-            " ".join(tokens[start : start + GROUP_LENGTH])
-            for start in range(0, self.length, GROUP_LENGTH)
+        return to_text(
+            tokens[start : start + GROUP_LENGTH] for start in range(0, self.length, GROUP_LENGTH)
         )
 
     def is_valid(self, tokens: Sequence[str]) -> bool:
@@ -249,21 +267,19 @@ class SearchSpace:
 def size(space: SearchSpace) -> int:
     """The exact number of valid token strings (not of distinct canonical rules).
 
-    Groups are independent, and inside group k only op2 depends on op1, so
+    Groups are independent, and inside group k only op2 and b depend on op1, so
 
-        size = Π_k  C_k · |U|² · B_k,   C_k = Σ_{op1} |allowed op2 | op1|
+        size = Π_k  |U|² · Σ_{op1} |allowed op2 | op1| · |allowed b | op1|
 
-    with B_k = |binary| − [k = n, final_not_add, add enabled]. In closed form, with
-    O = |operands| and V_k = O + k − 1: C_k = V_k² (no constraint), V_k(V_k − 1) (distinct),
-    V_k² − O² (bank, k ≥ 2), V_k(V_k − 1) − O(O − 1) (both, k ≥ 2).
+    In closed form, with O = |operands|, V_k = O + k − 1 and B_k = |binary| − [k = n,
+    final_not_add, add enabled]: without ``must_use_bank`` (or k = 1) the sum is P_k · B_k
+    with P_k = V_k² (V_k(V_k − 1) with ``distinct_operands``); with it (k ≥ 2), the k − 1 bank
+    op1s allow V_k (V_k − 1) op2s and B_k binaries, the O other op1s allow the k − 1 bank op2s
+    and B_k − [keep enabled] binaries.
     """
     total = 1
-    for group, completions in enumerate(space.op1_completions, start=1):
-        binary = GROUP_LENGTH * group - 1  # its mask does not read the prefix
-        binary_allowed = int(
-            space.batch_mask(binary, torch.zeros(1, binary, dtype=torch.long)).sum()
-        )
-        total *= int(completions.sum()) * len(space.unary) ** 2 * binary_allowed
+    for completions in space.op1_completions:
+        total *= int(completions.sum()) * len(space.unary) ** 2
     return total
 
 
@@ -273,8 +289,9 @@ def uniform_sample_indices(
     """``[batch, length]`` vocabulary indices drawn exactly uniformly over the valid strings.
 
     Position by position with weights proportional to the number of valid completions: op1 of
-    each group is weighted by its number of allowed op2 tokens (:attr:`op1_completions`), every
-    other position is uniform over its mask (what follows it in the group is independent of it).
+    each group is weighted by its number of allowed (op2, b) pairs (:attr:`op1_completions`),
+    every other position is uniform over its mask (given op1, nothing else in the group
+    constrains it or is constrained by it).
     """
     tokens = torch.zeros(batch, space.length, dtype=torch.long)
     for where in space.positions:

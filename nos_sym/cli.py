@@ -21,9 +21,11 @@ class CommandError(Exception):
 
 
 def rule_summary(rule: Rule) -> dict[str, object]:
-    """The JSON view of a rule: ``{"dsl", "key", "latex", "sympy", "degenerate"}``."""
+    """The JSON view of a rule: ``{"dsl", "minimal_dsl", "key", "latex", "sympy",
+    "degenerate"}`` (``minimal_dsl``: only the live groups, see ``Rule.minimal_dsl``)."""
     return {
         "dsl": rule.dsl,
+        "minimal_dsl": rule.minimal_dsl,
         "key": rule.key,
         "latex": rule.latex(),
         "sympy": str(rule.sympy),
@@ -40,8 +42,10 @@ def _parse_command(args: argparse.Namespace) -> None:
     elif args.format == "dsl":
         print(rule.dsl)
     else:
-        for name, value in rule_summary(rule).items():
-            print(f"{name:>10}: {value}")
+        summary = rule_summary(rule)
+        width = max(map(len, summary))
+        for name, value in summary.items():
+            print(f"{name:>{width}}: {value}")
 
 
 def _tree_command(args: argparse.Namespace) -> None:

@@ -5,7 +5,10 @@
 The program runs on single tensors, on lists of tensors through ``torch._foreach_*`` (the same
 instruction names), or under ``torch.compile``. Values are Python floats while they depend only
 on per-step scalars (bias corrections, decays), tensors otherwise; a temporary is overwritten in
-place at its last use. No ``lambdify``: every SymPy head has its own entry in :data:`_LOWERING`.
+place at its last use. No ``lambdify``: Add, Mul and Pow are lowered here, every other SymPy
+head as the primitives table says (:data:`nos_sym.primitives.LOWERING`: the instruction of each
+function class), so a new primitive whose computation is an existing instruction needs nothing
+here.
 
 Random draws are made before the program runs, tensor by tensor and, within a tensor, in the
 canonical label order, so every path sees the same numbers from the same generator.
@@ -144,13 +147,18 @@ class _Lowering:
     def clip(self, expr: P.Clip) -> int:
         return self.emit("clip", (self.visit(expr.args[0]),), float(expr.args[1]))
 
-    def draw(self, expr: P.Stochastic) -> int:
-        label = expr.label
-        if isinstance(expr, P.Drop):
-            self.draws[label] = Draw("mask", rate=float(expr.args[1]))
-            return self.emit("mul", (self.visit(expr.args[0]), self.emit("draw", param=label)))
-        self.draws[label] = Draw("normal", anneal=isinstance(expr, P.AnnealNoise))
-        return self.emit("draw", param=label)
+    def mask(self, expr: P.Stochastic) -> int:
+        """x·mask for drop(x, rate, k): the keep mask is draw k."""
+        self.draws[expr.label] = Draw("mask", rate=float(expr.args[1]))
+        return self.emit("mul", (self.visit(expr.args[0]), self.emit("draw", param=expr.label)))
+
+    def normal(self, expr: P.Stochastic, anneal: bool = False) -> int:
+        """Draw k: N(0, 0.01²), or N(0, 1/(1+t)^0.55) when ``anneal``."""
+        self.draws[expr.label] = Draw("normal", anneal=anneal)
+        return self.emit("draw", param=expr.label)
+
+    def annealed_normal(self, expr: P.Stochastic) -> int:
+        return self.normal(expr, anneal=True)
 
 
 TENSOR_SYMBOLS = frozenset({P.G, P.M, P.V, P.GAMMA, P.W} | {raw for raw, _ in RAW_AVERAGE.values()})
@@ -168,17 +176,30 @@ def _elementwise(op: str) -> Callable[[_Lowering, sp.Expr], int]:
     return lambda lowering, expr: lowering.emit(op, (lowering.visit(expr.args[0]),))
 
 
-_LOWERING: tuple[tuple[type, Callable], ...] = (
-    (sp.Add, _Lowering.add),
-    (sp.Mul, _Lowering.mul),
-    (sp.Pow, _Lowering.pow),
-    (sp.exp, _elementwise("exp")),
-    (sp.log, _elementwise("log")),
-    (sp.Abs, _elementwise("abs")),
-    (sp.sign, _elementwise("sign")),
-    (P.Clip, _Lowering.clip),
-    (P.Stochastic, _Lowering.draw),
-)
+_INSTRUCTIONS: dict[str, Callable[[_Lowering, sp.Expr], int]] = {
+    "clip": _Lowering.clip,
+    "mask": _Lowering.mask,
+    "normal": _Lowering.normal,
+    "annealed_normal": _Lowering.annealed_normal,
+    **{op: _elementwise(op) for op in ("exp", "log", "abs", "sign")},
+}
+"""What each instruction name of the primitives table's ``lowering`` column emits."""
+
+
+def _lowering_table() -> tuple[tuple[type, Callable], ...]:
+    unknown = sorted(set(P.LOWERING.values()) - set(_INSTRUCTIONS))
+    if unknown:
+        raise ValueError(f"the primitives table names instructions the compiler lacks: {unknown}")
+    return (
+        (sp.Add, _Lowering.add),
+        (sp.Mul, _Lowering.mul),
+        (sp.Pow, _Lowering.pow),
+        *((head, _INSTRUCTIONS[name]) for head, name in P.LOWERING.items()),
+    )
+
+
+_LOWERING = _lowering_table()
+"""SymPy head → its lowering, tried in order with ``isinstance``."""
 
 
 def lower(expr: sp.Expr) -> Program:

@@ -1,12 +1,16 @@
 """Parsing the DSL and the canonical form of a rule.
 
-``parse(text)`` reads a rule with the Lark grammar ``grammar/nos.lark`` and builds its update Δ
-(w ← w − lr·Δ) as a SymPy expression from the primitives table. SymPy's automatic ordering of
-Add/Mul makes commuted copies identical; building only from the last group makes dead code
-(``keep``'s right argument, unused groups) vanish; stochastic occurrences carry labels that are
-renumbered in a canonical order, so every draw stays independent and commuted copies still
-collide. The canonical expression's ``srepr``, prefixed by :data:`CANONICAL_VERSION`, is hashed
-into :attr:`Rule.key`.
+``parse(text)`` reads a rule with the Lark grammar ``grammar/nos.lark``, whose Transformer
+(:class:`_GroupBuilder`) builds the groups ``(op1, op2, u1, u2, b)`` from the grammar's own
+structure; every bad input (characters, tokens, order, a bank operand ``oK`` naming a group not
+yet computed, a rule nested too deeply for SymPy) is a :class:`DSLSyntaxError` with 1-based line
+and column. From the groups it builds the update Δ (w ← w − lr·Δ) as a SymPy expression from the
+primitives table. SymPy's automatic ordering of Add/Mul makes commuted copies identical;
+building only from the last group makes dead code (``keep``'s right argument, unused groups)
+vanish; stochastic occurrences carry labels that are renumbered in a canonical order, so every
+draw stays independent and commuted copies still collide. The canonical expression's ``srepr``,
+prefixed by :data:`CANONICAL_VERSION`, is hashed into :attr:`Rule.key`. ``Rule.minimal_dsl`` is
+the rule without its dead code (:mod:`nos_sym.groups`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from functools import cache, cached_property, lru_cache
 import lark
 import sympy as sp
 
-from nos_sym import primitives
+from nos_sym import notation, primitives
+from nos_sym.groups import bank_index, is_bank_operand, minimal_groups, to_text
 from nos_sym.primitives import BY_TOKEN, Stochastic
 
 CANONICAL_VERSION = "nos_sym.canonical/1"
@@ -56,12 +61,44 @@ _EXPECTED = {
 }
 
 
+@lark.v_args(inline=True)
+class _GroupBuilder(lark.Transformer):
+    """Builds a rule's groups from the grammar's own structure while the LALR parser reduces
+    (as lark's calc example computes): ``operand``/``unary``/``binary`` become their token, a
+    ``group`` the tuple of its five tokens, ``start`` the tuple of groups. Tokens keep their
+    line and column for the bank check of :func:`_groups`."""
+
+    def operand(self, token: lark.Token) -> lark.Token:
+        return token
+
+    unary = binary = operand
+
+    def group(self, *tokens: lark.Token) -> tuple[lark.Token, ...]:
+        return tokens
+
+    def start(self, *groups: tuple[lark.Token, ...]) -> tuple[tuple[lark.Token, ...], ...]:
+        return groups
+
+
 @cache
 def grammar() -> lark.Lark:
-    """The LALR parser of ``nos.lark`` (built once)."""
+    """The LALR parser of ``nos.lark`` with :class:`_GroupBuilder` (built once); ``parse``
+    returns the groups as tuples of tokens."""
     return lark.Lark.open_from_package(
-        "nos_sym.grammar", "nos.lark", parser="lalr", propagate_positions=False
+        "nos_sym.grammar",
+        "nos.lark",
+        parser="lalr",
+        propagate_positions=False,
+        transformer=_GroupBuilder(),
     )
+
+
+_SHOWN_CHARACTERS = 40
+"""Longer words are cut in messages (a 5000-digit ``o999…`` must not fill the screen)."""
+
+
+def _shown(word: str) -> str:
+    return word if len(word) <= _SHOWN_CHARACTERS else word[:_SHOWN_CHARACTERS] + "…"
 
 
 def _position(text: str, offset: int) -> tuple[int, int]:
@@ -76,7 +113,7 @@ def _word_at(text: str, offset: int) -> str:
     end = offset
     while end < len(text) and text[end] not in " \t\n\r\f\v;":
         end += 1
-    return repr(text[offset : max(end, offset + 1)])
+    return repr(_shown(text[offset : max(end, offset + 1)]))
 
 
 def _describe_expected(terminals: set[str]) -> str:
@@ -84,7 +121,7 @@ def _describe_expected(terminals: set[str]) -> str:
     if not kinds and "BANK_OPERAND" in terminals:
         kinds = [_EXPECTED["BANK_OPERAND"]]
     described = [f"{what} ({', '.join(names[:4])}, ...)" for what, names in kinds]
-    if "SEPARATOR" in terminals or "$END" in terminals:
+    if "_SEPARATOR" in terminals or "$END" in terminals:
         described.append("';', the next group or the end of the rule")
     return " or ".join(described) or "nothing more"
 
@@ -100,15 +137,15 @@ def _check_characters(text: str) -> None:
             raise _error(text, offset, f"unexpected character {character!r}")
 
 
-def _tokens(text: str) -> list[lark.Token]:
-    """The rule's tokens in reading order (separators dropped)."""
+def _parsed(text: str) -> tuple[tuple[lark.Token, ...], ...]:
+    """The rule's groups of tokens, as the grammar reads them."""
     if not isinstance(text, str):
         raise DSLSyntaxError(
             f"a rule is a str, got {type(text).__name__}", line=1, column=1, text=repr(text)
         )
     _check_characters(text)
     try:
-        tree = grammar().parse(text)
+        return grammar().parse(text)
     except lark.exceptions.UnexpectedInput as error:
         offset = getattr(error, "pos_in_stream", None)
         token = getattr(error, "token", None)
@@ -123,38 +160,35 @@ def _tokens(text: str) -> list[lark.Token]:
         raise _error(
             text, offset, f"expected {_describe_expected(set(expected))}, got {got}"
         ) from None
-    return [
-        token
-        for token in tree.scan_values(lambda v: isinstance(v, lark.Token))
-        if token.type != "SEPARATOR"
-    ]
+
+
+def _reads_a_later_group(token: lark.Token, group: int) -> bool:
+    """Whether bank operand ``oK`` in (1-based) group ``group`` names K ≥ group. Compared as
+    digit strings first: ``int()`` refuses texts of more than 4300 digits."""
+    digits = token[1:]
+    return len(digits) > len(str(group)) or int(digits) >= group
 
 
 def _groups(text: str) -> tuple[tuple[str, ...], ...]:
-    tokens = _tokens(text)
-    groups = tuple(tuple(map(str, tokens[i : i + 5])) for i in range(0, len(tokens), 5))
-    for index, token in enumerate(tokens):
-        if token.type == "BANK_OPERAND" and int(token[1:]) > index // 5:
-            group = index // 5 + 1
-            available = f"o1..o{group - 1}" if group > 2 else ("o1" if group == 2 else "none")
-            raise DSLSyntaxError(
-                f"{token} used in group {group}, before group {int(token[1:])} is computed"
-                f" (available here: {available})",
-                line=token.line,
-                column=token.column,
-                text=text,
-            )
-    return groups
+    """The validated groups: parsed, and every bank operand ``oK`` reads a group before its own."""
+    groups = _parsed(text)
+    for group, tokens in enumerate(groups, start=1):
+        for token in tokens[:2]:
+            if token.type == "BANK_OPERAND" and _reads_a_later_group(token, group):
+                available = f"o1..o{group - 1}" if group > 2 else ("o1" if group == 2 else "none")
+                raise DSLSyntaxError(
+                    f"{_shown(token)} used in group {group}, before group {_shown(token[1:])} is"
+                    f" computed (available here: {available})",
+                    line=token.line,
+                    column=token.column,
+                    text=text,
+                )
+    return tuple(tuple(map(str, tokens)) for tokens in groups)
 
 
 # --------------------------------------------------------------------------------------------
 # The canonical expression
 # --------------------------------------------------------------------------------------------
-def is_bank_operand(token: str) -> bool:
-    """Whether a token is a bank operand ``oK``."""
-    return token[0] == "o" and token[1:].isdigit()
-
-
 def _label_symbol(index: int, prefix: str = "k") -> sp.Symbol:
     return sp.Symbol(f"{prefix}{index}", integer=True, nonnegative=True)
 
@@ -169,7 +203,7 @@ def _build(groups: tuple[tuple[str, ...], ...]) -> sp.Expr:
 
     def operand(token: str) -> sp.Expr:
         if is_bank_operand(token):
-            return group(int(token[1:]) - 1)
+            return group(bank_index(token))
         return BY_TOKEN[token].sympy(next_label)
 
     def group(index: int) -> sp.Expr:
@@ -296,22 +330,26 @@ class Rule:
             live.add("anneal_noise")
         return tuple(sorted(live))
 
+    @cached_property
+    def minimal_dsl(self) -> str:
+        """The rule with only its live groups, renumbered, and the dead side of each ``keep``
+        written as op1 repeated and ``id`` (:func:`nos_sym.groups.minimal_groups`):
+        ``noise w_1e-1 drop_0.1 drop_0.1 keep ; m o1 sign id keep`` is ``m m sign id keep``.
+        ``parse(rule.minimal_dsl).key == rule.key``, and the minimal form is its own."""
+        return to_text(minimal_groups(self.groups))
+
     # ---- views ------------------------------------------------------------------------------
     def latex(self) -> str:
-        """Δ in the paper's notation."""
-        from nos_sym.render import latex
-
-        return latex(self.sympy)
+        """Δ in the paper's notation (:func:`nos_sym.notation.latex`)."""
+        return notation.latex(self.sympy)
 
     def tree(self, view: str = "expr"):
         """A ``networkx.DiGraph`` of the canonical expression (``view="expr"``) or of the DSL's
         groups as the paper's Figure 2 draws them (``view="dsl"``)."""
-        from nos_sym.render import dsl_tree, expression_tree
-
         if view == "expr":
-            return expression_tree(self.sympy)
+            return notation.expression_tree(self.sympy)
         if view == "dsl":
-            return dsl_tree(self.groups)
+            return notation.dsl_tree(self.groups)
         raise ValueError(f"unknown tree view {view!r}: expected 'expr' or 'dsl'")
 
     def fingerprint(self, probes: int = 64, seed: int = 0, digits: int = 6) -> str:
@@ -328,9 +366,16 @@ def parse(text: str) -> Rule:
     Raises :class:`DSLSyntaxError` (with 1-based ``line`` and ``column``) for every bad input.
     """
     groups = _groups(text)
-    expr = canonical_expression(groups)
-    dsl = " ; ".join(" ".join(group) for group in groups)
-    return Rule(dsl=dsl, groups=groups, sympy=expr, key=canonical_key(expr))
+    try:
+        expr = canonical_expression(groups)
+    except RecursionError:  # SymPy and the builder recurse: about 100 nested groups is the limit
+        raise DSLSyntaxError(
+            f"rule nested too deeply to canonicalize ({len(groups)} groups)",
+            line=1,
+            column=1,
+            text=text,
+        ) from None
+    return Rule(dsl=to_text(groups), groups=groups, sympy=expr, key=canonical_key(expr))
 
 
 @lru_cache(maxsize=65_536)
@@ -348,4 +393,12 @@ def as_rule(rule: Rule | str) -> Rule:
     raise TypeError(f"rule must be a DSL string or a Rule, got {type(rule).__name__}")
 
 
-__all__ = ["CANONICAL_VERSION", "DSLSyntaxError", "Rule", "as_rule", "canonical_key", "parse"]
+__all__ = [
+    "CANONICAL_VERSION",
+    "DSLSyntaxError",
+    "Rule",
+    "as_rule",
+    "canonical_key",
+    "is_bank_operand",
+    "parse",
+]

@@ -1,11 +1,29 @@
 """The one table of DSL primitives.
 
 Every token of the update-rule language (``docs/dsl.md``) is one row of :data:`PRIMITIVES`:
-its kind (operand, unary or binary function), how it builds a SymPy expression, how it computes
-on torch tensors, how it prints in LaTeX, and its flags. The grammar's terminals, the
-canonicalizer, the LaTeX printer, the tree view, the torch compiler and the controller's
-vocabulary all read this table, so adding a primitive is adding one row here (and its name to the
-matching terminal of ``grammar/nos.lark``; a test checks the two agree).
+its kind (operand, unary or binary function), how it builds a SymPy expression, how the compiler
+computes the SymPy functions that expression introduces (``lowering``), its literal meaning on
+torch tensors, its LaTeX, and its flags. The grammar's terminals (a test checks they agree), the
+canonicalizer (:mod:`nos_sym.dsl`), the compiler (:mod:`nos_sym.compile`, through
+:data:`LOWERING`), the LaTeX printer and the trees (:mod:`nos_sym.notation`, through
+:data:`SYMBOL_LATEX` and the ``latex`` column) and the controller's vocabulary
+(:mod:`nos_sym.controller.space`) all read this table.
+
+Adding a primitive is one row here, its token in the matching terminal of
+``grammar/nos.lark``, and, only where the row needs something that does not exist yet:
+
+* a SymPy function class for it, when SymPy has none (as :class:`Clip`, :class:`Drop`,
+  :class:`Noise`): ``nargs``, ``is_real``, an ``eval`` with its exact simplifications (e.g.
+  f(0) = 0), ``_latex``; a random one subclasses :class:`Stochastic` (last argument: its label);
+* an instruction of :mod:`nos_sym.compile` (``_INSTRUCTIONS`` and the engine's ops), when the
+  row's ``lowering`` names one the compiler lacks (it refuses to import otherwise);
+* a new symbol of the canonical form (a new kind of leaf, as ``ld``): its value in
+  :mod:`nos_sym.symbolic_optim` (a tensor leaf, or a per-step scalar as the decays),
+  ``compile.TENSOR_SYMBOLS`` if it is a tensor, a probe in ``compile.probe_values``; a new
+  running average also ``AVERAGE_OF_SYMBOL`` and ``compile.RAW_AVERAGE``.
+
+A new row changes no existing key (keys hash canonical expressions, not the table); the "full"
+search space grows by it.
 
 Symbols of the canonical form (all real; ``g2``-like quantities are built from them):
 
@@ -239,11 +257,26 @@ class Kind(str, Enum):
 class Primitive:
     """One token of the DSL.
 
-    ``sympy`` builds the canonical expression: operands take the next free stochastic label
-    (``label()``), unary functions take (x, label), binary functions take (x, y). ``torch``
-    computes the same thing literally on tensors: operands take a :class:`Context`, unary
-    functions (x, ctx), binary functions (x, y). ``latex`` is the paper's notation (operands) or
-    a format string with ``{x}``/``{y}`` (functions).
+    ``sympy`` builds the canonical expression (read by :mod:`nos_sym.dsl`): operands take the
+    next free stochastic label (``label()``), unary functions take (x, label), binary functions
+    take (x, y).
+
+    ``lowering`` names, for each SymPy function class that expression introduces, the
+    instruction of :mod:`nos_sym.compile` that computes it (read through :data:`LOWERING`):
+    an elementwise op (``"exp"``, ``"log"``, ``"abs"``, ``"sign"``), ``"clip"`` (bound: the
+    second argument), or a draw made before the program runs: ``"mask"`` (x times a keep mask,
+    rate: the second argument), ``"normal"`` (N(0, 0.01²)), ``"annealed_normal"``
+    (N(0, 1/(1+t)^0.55)). Add, Mul, Pow, numbers and symbols need no entry: the compiler lowers
+    them itself.
+
+    ``torch`` is the literal meaning on tensors, token by token: operands take a
+    :class:`Context`, unary functions (x, ctx), binary functions (x, y). Nothing at run time
+    calls it (optimizers run the compiled canonical form); it is the reference the tests check
+    the canonical form and its compiled program against (``tests/test_dsl.py``).
+
+    ``latex`` is the paper's notation: for operands, how the operand prints (its symbol in
+    :data:`SYMBOL_LATEX`, its box in the DSL tree); for functions, a template in ``{x}``/``{y}``
+    (``sign``'s prints sp.sign; SymPy prints the other heads of the canonical form itself).
     """
 
     token: str
@@ -255,6 +288,7 @@ class Primitive:
     stochastic: bool = False
     averages: tuple[str, ...] = ()
     needs_total_steps: bool = False
+    lowering: tuple[tuple[type[sp.Basic], str], ...] = ()
 
 
 def _operand(token, expr, torch_fn, latex, description, **flags) -> Primitive:
@@ -281,6 +315,7 @@ def _clip(exponent: int) -> Primitive:
         lambda x, ctx: x.clamp(-(10.0**-exponent), 10.0**-exponent),
         rf"\operatorname{{clip}}({{x}}, 10^{{{-exponent}}})",
         f"clamp to [-1e-{exponent}, 1e-{exponent}]",
+        lowering=((Clip, "clip"),),
     )
 
 
@@ -294,6 +329,7 @@ def _drop(rate: str) -> Primitive:
         rf"\operatorname{{drop}}({{x}}, {rate})",
         f"each element set to 0 with probability {rate}, no rescaling",
         stochastic=True,
+        lowering=((Drop, "mask"),),
     )
 
 
@@ -334,6 +370,7 @@ PRIMITIVES: tuple[Primitive, ...] = (
         lambda ctx: torch.sign(ctx.grad),
         r"\operatorname{sign}(g)",
         "sign(g)",
+        lowering=((sp.sign, "sign"),),
     ),
     _operand(
         "sign_m",
@@ -342,6 +379,7 @@ PRIMITIVES: tuple[Primitive, ...] = (
         r"\operatorname{sign}(\hat{m})",
         "sign(m̂)",
         averages=("m",),
+        lowering=((sp.sign, "sign"),),
     ),
     _operand("one", sp.S.One, lambda ctx: torch.ones_like(ctx.grad), "1", "the constant 1"),
     Primitive(
@@ -352,6 +390,7 @@ PRIMITIVES: tuple[Primitive, ...] = (
         r"\operatorname{noise}",
         "N(0, 0.01²), fresh every step and element",
         stochastic=True,
+        lowering=((Noise, "normal"),),
     ),
     *(_weight_decay(exponent) for exponent in (4, 3, 2, 1)),
     _operand(
@@ -403,6 +442,7 @@ PRIMITIVES: tuple[Primitive, ...] = (
         "N(0, 1/(1+t)^0.55), fresh every step and element",
         stochastic=True,
         needs_total_steps=True,
+        lowering=((AnnealNoise, "annealed_normal"),),
     ),
     # ---- unary functions -----------------------------------------------------------------
     Primitive("id", Kind.UNARY, lambda x, label: x, lambda x, ctx: x, "{x}", "x"),
@@ -414,6 +454,7 @@ PRIMITIVES: tuple[Primitive, ...] = (
         lambda x, ctx: torch.exp(x),
         "e^{{{x}}}",
         "eˣ",
+        lowering=((sp.exp, "exp"),),
     ),
     Primitive(
         "log",
@@ -422,6 +463,7 @@ PRIMITIVES: tuple[Primitive, ...] = (
         lambda x, ctx: torch.log(torch.abs(x)),
         r"\log\left|{x}\right|",
         "log|x|",
+        lowering=((sp.log, "log"), (sp.Abs, "abs")),
     ),
     Primitive(
         "sqrt",
@@ -430,6 +472,7 @@ PRIMITIVES: tuple[Primitive, ...] = (
         lambda x, ctx: torch.sqrt(torch.abs(x)),
         r"\sqrt{{\left|{x}\right|}}",
         "√|x|",
+        lowering=((sp.Abs, "abs"),),
     ),
     *(_clip(exponent) for exponent in (5, 4, 3)),
     *(_drop(rate) for rate in ("0.1", "0.3", "0.5")),
@@ -440,6 +483,7 @@ PRIMITIVES: tuple[Primitive, ...] = (
         lambda x, ctx: torch.sign(x),
         r"\operatorname{{sign}}({x})",
         "sign(x), sign(0) = 0",
+        lowering=((sp.sign, "sign"),),
     ),
     # ---- binary functions ----------------------------------------------------------------
     Primitive("add", Kind.BINARY, lambda x, y: x + y, torch.add, "{x} + {y}", "x + y"),
@@ -467,3 +511,31 @@ def tokens(kind: Kind) -> tuple[str, ...]:
 OPERANDS = tokens(Kind.OPERAND)
 UNARY = tokens(Kind.UNARY)
 BINARY = tokens(Kind.BINARY)
+
+
+def _lowering() -> dict[type[sp.Basic], str]:
+    lowering: dict[type[sp.Basic], str] = {}
+    for primitive in PRIMITIVES:
+        for head, instruction in primitive.lowering:
+            if lowering.setdefault(head, instruction) != instruction:
+                raise ValueError(
+                    f"{primitive.token}: {head.__name__} lowers to {instruction!r}, "
+                    f"another row says {lowering[head]!r}"
+                )
+    return lowering
+
+
+LOWERING: dict[type[sp.Basic], str] = _lowering()
+"""The compiler instruction of each SymPy function class of the canonical form, gathered from
+the rows' ``lowering`` (in table order; rows sharing a class agree)."""
+
+SYMBOL_LATEX: dict[sp.Symbol, str] = {
+    EPS: r"\epsilon",
+    **{
+        expression: primitive.latex
+        for primitive in PRIMITIVES
+        if primitive.kind is Kind.OPERAND and (expression := primitive.sympy(sp.Dummy)).is_Symbol
+    },
+}
+"""How each symbol of the canonical form prints: the ``latex`` of the operand that is that
+symbol (``m`` → ``\\hat{m}``), and ε."""

@@ -20,8 +20,9 @@ def test_parse_json():
     done = nos_sym("parse", "v g sqrt id keep ; m o1 id id div", "--format", "json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert set(summary) == {"dsl", "key", "latex", "sympy", "degenerate"}
+    assert set(summary) == {"dsl", "minimal_dsl", "key", "latex", "sympy", "degenerate"}
     assert summary["dsl"] == "v g sqrt id keep ; m o1 id id div"
+    assert summary["minimal_dsl"] == "v v sqrt id keep ; m o1 id id div"
     assert summary["degenerate"] is False
     adam = json.loads(nos_sym("parse", "m v id sqrt div", "--format", "json").stdout)
     assert adam["key"] == summary["key"]
@@ -29,7 +30,12 @@ def test_parse_json():
 
 @pytest.mark.parametrize(
     ("fmt", "expected"),
-    [("dsl", "g g id id keep"), ("latex", "g"), ("text", "degenerate: False")],
+    [
+        ("dsl", "g g id id keep"),
+        ("latex", "g"),
+        ("text", "degenerate: False"),
+        ("text", "minimal_dsl: g g id id keep"),
+    ],
 )
 def test_parse_formats(fmt, expected):
     done = nos_sym("parse", "g  g id id keep", "--format", fmt)
@@ -67,6 +73,12 @@ def test_tree_bad_output_is_one_line(tmp_path):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     done = nos_sym("tree", "g g id id keep", "-o", str(tmp_path / "t.svg"))
     assert done.returncode == 2 and ".png or .dot" in done.stderr
+
+
+def test_parse_shows_the_minimal_form():
+    done = nos_sym("parse", "noise w_1e-1 drop_0.1 drop_0.1 keep ; m o1 sign id keep")
+    assert done.returncode == 0, done.stderr
+    assert "minimal_dsl: m m sign id keep" in done.stdout.splitlines()
 
 
 def test_python_dash_m():

@@ -4,6 +4,7 @@ TRPO / REINFORCE / random algorithms (toy rewards, state round trips)."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import itertools
 import math
@@ -55,8 +56,9 @@ def violations(space: SearchSpace, tokens: list[str]) -> list[str]:
             problems.append(f"group {k}: function outside the space")
         if space.distinct_operands and op1 == op2:
             problems.append(f"group {k}: equal operands")
-        if space.must_use_bank and k >= 2 and not (is_bank(op1) or is_bank(op2)):
-            problems.append(f"group {k}: no bank operand")
+        reads = (op1,) if b == "keep" else (op1, op2)  # keep drops its right side
+        if space.must_use_bank and k >= 2 and not any(map(is_bank, reads)):
+            problems.append(f"group {k}: reads no bank operand")
         if space.final_not_add and k == space.groups and b == "add":
             problems.append("final add")
     return problems
@@ -66,13 +68,18 @@ def closed_form_size(space: SearchSpace) -> int:
     n_operands, total = len(space.operands), 1
     for k in range(1, space.groups + 1):
         vocabulary = n_operands + k - 1
-        pairs = vocabulary * (vocabulary - 1) if space.distinct_operands else vocabulary**2
-        if space.must_use_bank and k >= 2:
-            pairs -= n_operands * (n_operands - 1) if space.distinct_operands else n_operands**2
+        op2 = vocabulary - 1 if space.distinct_operands else vocabulary
         binary = len(space.binary) - (
             k == space.groups and space.final_not_add and "add" in space.binary
         )
-        total *= pairs * len(space.unary) ** 2 * binary
+        if space.must_use_bank and k >= 2:
+            # k − 1 bank op1s: free op2 and b; O other op1s: a bank op2 and b ≠ keep
+            group = (k - 1) * op2 * binary + n_operands * (k - 1) * (
+                binary - ("keep" in space.binary)
+            )
+        else:
+            group = vocabulary * op2 * binary
+        total *= group * len(space.unary) ** 2
     return total
 
 
@@ -81,7 +88,7 @@ def tiny_spaces() -> list[SearchSpace]:
     spaces = []
     for groups, operands, binary in [
         (1, ("g", "m", "one"), ("add", "mul", "keep")),
-        (2, ("g", "m", "one"), ("add", "keep")),
+        (2, ("g", "m", "one"), ("add", "sub", "keep")),
         (2, ("g", "sign_m"), ("sub", "div")),
         (3, ("g", "m"), ("add", "mul")),
     ]:
@@ -141,9 +148,9 @@ def test_presets_come_from_the_primitives_table():
 def test_preset_sizes():
     sizes = {name: size(space) for name, space in SPACES.items()}
     assert sizes == {
-        "paper": 3_185_049_600,
-        "paper-decay": 12_478_054_400,
-        "full": 372_173_045_760_000,
+        "paper": 2_786_918_400,
+        "paper-decay": 9_909_043_200,
+        "full": 294_107_480_064_000,
         "small": 3_000,
     }
     for space in ALL_SPACES:
@@ -174,6 +181,25 @@ def test_positions_vocabularies_and_hash():
     assert SPACES["paper"].hash == PAPER_HASH  # stable across runs and refactors
 
 
+@pytest.mark.parametrize(
+    ("second_group", "valid"),
+    [
+        ("o1 g id id keep", True),  # reads o1
+        ("g o1 id id add", True),  # reads o1
+        ("g o1 id id keep", False),  # keep drops o1: reads only g
+        ("g m id id keep", False),
+    ],
+)
+def test_must_use_bank_is_judged_on_what_a_group_reads(second_group, valid):
+    space = SearchSpace(("g", "m"), ("id",), ("add", "mul", "keep"), groups=2, final_not_add=False)
+    tokens = ["g", "m", "id", "id", "add", *second_group.split()]
+    assert space.is_valid(tokens) is valid
+    binary = space.mask(9, tokens[:9])
+    assert bool(binary[space.positions[9].vocabulary.index("keep")]) is (tokens[5] == "o1")
+    unconstrained = dataclasses.replace(space, must_use_bank=False)
+    assert unconstrained.is_valid(tokens)
+
+
 def test_masks_on_examples():
     space = SearchSpace(("g", "m", "v"), ("id", "exp"), ("add", "mul"), groups=2)
     assert space.mask(1, ["g"]).tolist() == [False, True, True]
@@ -199,6 +225,11 @@ def test_masks_on_examples():
         (dict(operands=("g", "o1"), unary=("id",), binary=("mul",)), "not operand"),
         (dict(operands=("g", "g"), unary=("id",), binary=("mul",)), "duplicate"),
         (dict(operands=("g", "m"), unary=(), binary=("mul",)), "at least one"),
+        (dict(operands=("g", "m"), unary=("id",), binary=("keep",), groups=2), "other than keep"),
+        (
+            dict(operands=("g", "m"), unary=("id",), binary=("add", "keep"), groups=2),
+            "other than keep and add",
+        ),
     ],
 )
 def test_invalid_spaces_are_refused(fields, message):
@@ -222,8 +253,15 @@ def search_spaces(draw):
         return SearchSpace(**fields)
     except ValueError:
         # Refused exactly when a constraint could empty a mask.
-        assert (fields["distinct_operands"] and len(fields["operands"]) < 2) or (
-            fields["final_not_add"] and fields["binary"] == ("add",)
+        final_forbidden = {"keep"} | ({"add"} if fields["final_not_add"] else set())
+        assert (
+            (fields["distinct_operands"] and len(fields["operands"]) < 2)
+            or (fields["final_not_add"] and fields["binary"] == ("add",))
+            or (
+                fields["must_use_bank"]
+                and fields["groups"] >= 2
+                and set(fields["binary"]) <= final_forbidden
+            )
         )
         return None
 
@@ -231,16 +269,17 @@ def search_spaces(draw):
 @settings(max_examples=150, deadline=None)
 @given(search_spaces())
 def test_no_mask_is_ever_empty(space):
-    """Every accepted space: for every op1 of every group, op2 has a choice, and every other
-    position has one whatever the prefix (only op2 reads the prefix)."""
+    """Every accepted space: for every op1 of every group, op2 and b have a choice, and every
+    other position has one whatever the prefix (only op2 and b read the prefix: op1)."""
     if space is None:
         return
     for where in space.positions:
         prefixes = torch.zeros(1, where.index, dtype=torch.long)
-        if where.slot is Slot.OPERAND2:
-            n = len(where.vocabulary)
+        if where.slot in (Slot.OPERAND2, Slot.BINARY):
+            first = where.index - (1 if where.slot is Slot.OPERAND2 else 4)
+            n = len(space.positions[first].vocabulary)
             prefixes = torch.zeros(n, where.index, dtype=torch.long)
-            prefixes[:, where.index - 1] = torch.arange(n)
+            prefixes[:, first] = torch.arange(n)
         assert space.batch_mask(where.index, prefixes).any(dim=1).all()
     assert size(space) == closed_form_size(space) > 0
 

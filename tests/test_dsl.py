@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import nos_sym
 from nos_sym import primitives as P
 from nos_sym.dsl import CANONICAL_VERSION, DSLSyntaxError, grammar, parse
+from nos_sym.groups import live_groups
 
 LONG = os.environ.get("NOS_LONG") == "1"
 FUZZ_EXAMPLES = 200_000 if LONG else 10_000
@@ -243,6 +244,16 @@ BAD = [
     ("__import__('os').system('true')", 1, 11, "unexpected character '('"),
     ("g g id id keep\ng g id id kep", 2, 11, "got 'kep'"),
     ("g\u00a0g id id keep", 1, 2, "unexpected character"),
+    # bank operands beyond Python's int-conversion limit (4300 digits), found by fuzzing
+    ("o" + "9" * 5000 + " g id id keep", 1, 1, "used in group 1, before group 9999"),
+    ("g g id id keep ;\n g o" + "1" * 5000 + " id id add", 2, 4, "used in group 2"),
+    # SymPy's recursion limit: a chain of 150 groups, each reading the one before
+    (
+        "g m id id add" + "".join(f" ; o{k} noise drop_0.1 id div" for k in range(1, 150)),
+        1,
+        1,
+        "nested too deeply to canonicalize (150 groups)",
+    ),
 ]
 
 
@@ -285,6 +296,33 @@ def test_table_rows_are_unique_and_complete():
     assert len(P.BY_TOKEN) == len(P.PRIMITIVES)
     for primitive in P.PRIMITIVES:
         assert primitive.latex and primitive.description
+
+
+def _row_expression(primitive: P.Primitive) -> sp.Expr:
+    def label():
+        return sp.Symbol("k0", integer=True, nonnegative=True)
+
+    if primitive.kind is P.Kind.OPERAND:
+        return primitive.sympy(label)
+    if primitive.kind is P.Kind.UNARY:
+        return primitive.sympy(g, label)
+    return primitive.sympy(g, m)
+
+
+@pytest.mark.parametrize("primitive", P.PRIMITIVES, ids=lambda p: p.token)
+def test_every_row_declares_how_its_functions_compile(primitive):
+    """The rows' ``lowering`` covers every SymPy function class their expressions introduce,
+    and the compiler lowers each row alone."""
+    from nos_sym.compile import lower
+
+    expr = _row_expression(primitive)
+    functions = {
+        type(node) for node in sp.preorder_traversal(expr) if isinstance(node, sp.Function)
+    }
+    declared = {head for head, _ in primitive.lowering}
+    assert functions == declared
+    assert all(P.LOWERING[head] == name for head, name in primitive.lowering)
+    lower(expr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,6 +435,57 @@ def test_canonical_form_computes_what_the_groups_say(rule_groups):
 
 
 # ---------------------------------------------------------------------------------------------
+# The minimal form: live groups only, renumbered, keep's dead side as op1 repeated and id
+# ---------------------------------------------------------------------------------------------
+MINIMAL = [
+    ("noise w_1e-1 drop_0.1 drop_0.1 keep ; m o1 sign id keep", "m m sign id keep"),
+    ("g g id id keep", "g g id id keep"),
+    ("g noise id drop_0.5 keep", "g g id id keep"),
+    ("v g sqrt id keep ; m o1 id id div", "v v sqrt id keep ; m o1 id id div"),
+    ("m v id id div ; g g id id keep", "g g id id keep"),
+    ("g m id id add ; m v id id div ; o1 o1 exp id mul", "g m id id add ; o1 o1 exp id mul"),
+    ("g g id id keep ; o1 o1 neg id add ; o1 o2 id exp keep", "g g id id keep ; o1 o1 id id keep"),
+    (
+        "m v id id add ; g g id id keep ; o2 o1 exp id mul",
+        "m v id id add ; g g id id keep ; o2 o1 exp id mul",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "minimal"), MINIMAL)
+def test_minimal_dsl_examples(text, minimal):
+    rule = parse(text)
+    assert rule.minimal_dsl == minimal
+    assert parse(minimal).key == rule.key
+
+
+def _assert_minimal_form(rule) -> None:
+    minimal = parse(rule.minimal_dsl)
+    assert minimal.key == rule.key, (rule.dsl, rule.minimal_dsl)
+    assert minimal.minimal_dsl == rule.minimal_dsl  # idempotent
+    assert live_groups(minimal.groups) == tuple(range(len(minimal.groups)))  # nothing dead
+    assert len(minimal.groups) <= len(rule.groups)
+
+
+@PROPERTY
+@given(groups(max_groups=5))
+def test_minimal_dsl_keeps_the_key_and_is_its_own_minimal_form(rule_groups):
+    _assert_minimal_form(parse(_text(rule_groups)))
+
+
+@PROPERTY
+@given(st.sampled_from(["paper", "paper-decay", "full"]), st.integers(0, 2**32 - 1))
+def test_minimal_dsl_of_rules_the_controller_samples(space_name, seed):
+    import torch
+
+    from nos_sym.controller.space import get_space, uniform_sample
+
+    space = get_space(space_name, groups=3)
+    tokens = uniform_sample(space, torch.Generator().manual_seed(seed))
+    _assert_minimal_form(parse(space.to_dsl(tokens)))
+
+
+# ---------------------------------------------------------------------------------------------
 # Fuzz: nothing but DSLSyntaxError escapes parse
 # ---------------------------------------------------------------------------------------------
 SOUP = list(P.BY_TOKEN) + [
@@ -444,3 +533,38 @@ def test_fuzz_token_soups(text):
 @given(st.one_of(st.text(max_size=40), st.binary(max_size=40).map(lambda b: b.decode("latin-1"))))
 def test_fuzz_random_text(text):
     _parses_or_raises_syntax_error(text)
+
+
+_DSL_CHARACTERS = "abcdeilmnopqrstuvwxyz0123456789_.-; \n"
+_BANK_OPERANDS = st.builds(
+    lambda digits, repeat: "o" + digits * repeat,
+    st.text("0123456789", min_size=1, max_size=3),
+    st.sampled_from([1, 2, 1500, 3000]),
+)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(st.sampled_from(SOUP), _BANK_OPERANDS, st.text(_DSL_CHARACTERS, max_size=12)),
+        max_size=40,
+    ).map(" ".join)
+)
+def test_fuzz_any_text_is_a_rule_or_a_syntax_error(text):
+    """Nothing but a Rule or a DSLSyntaxError: the DSL's characters in any order, token soups
+    and bank operands of any size (``int()`` refuses more than 4300 digits)."""
+    _parses_or_raises_syntax_error(text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(groups(), st.data())
+def test_fuzz_bank_operands_of_any_size(rule_groups, data):
+    """Valid rules with operands replaced by bank operands of any size, in range or not."""
+    replaced = [
+        tuple(
+            data.draw(st.one_of(st.just(t), _BANK_OPERANDS)) if i < 2 else t
+            for i, t in enumerate(g)
+        )
+        for g in rule_groups
+    ]
+    _parses_or_raises_syntax_error(_text(replaced))

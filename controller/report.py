@@ -84,10 +84,6 @@ def _title(run_dir: str | Path) -> str:
     return f"search run {Path(run_dir).name}"
 
 
-def _minimal_dsl(rule: Rule) -> str:
-    return getattr(rule, "minimal_dsl", rule.dsl)  # minimal_dsl lands with issue 11
-
-
 def _tree_svg(rule: Rule, caption: str) -> Html:
     """The expression tree of ``rule`` as an inline SVG figure."""
     from matplotlib.figure import Figure
@@ -95,7 +91,7 @@ def _tree_svg(rule: Rule, caption: str) -> Html:
     graph = rule.tree("expr")
     width, depth = tree_size(graph)
     figure = Figure(figsize=(max(4.0, 1.6 * width), max(3.0, 1.1 * depth + 1)))
-    draw_graph(graph, figure.subplots(), textwrap.fill(_minimal_dsl(rule), 48))
+    draw_graph(graph, figure.subplots(), textwrap.fill(rule.minimal_dsl, 48))
     figure.tight_layout()
     return figure_html(figure_svg(figure), caption, css_class="tree")
 
@@ -124,7 +120,7 @@ def run_sections(run_dir: str | Path, top: int = 3, n: int = 10) -> list[Section
             f"{entry['reward']:.4f}",
             entry["status"],
             math_html(rule.latex()),
-            Html(f"<code>{escape(_minimal_dsl(rule))}</code>"),
+            Html(f"<code>{escape(rule.minimal_dsl)}</code>"),
             Html(f'<code class="key">{escape(rule.key)}</code>'),
         )
         for i, (entry, rule) in enumerate(ranked[:n], start=1)

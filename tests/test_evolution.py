@@ -69,18 +69,19 @@ def test_every_sample_is_valid(name):
 
 
 @pytest.mark.parametrize("name", list(SPACES))
-def test_a_token_mutation_changes_one_token_and_repairs_only_its_op2(name):
+def test_a_token_mutation_changes_one_token_and_repairs_only_its_own_group(name):
     space = get_space(name)
     algorithm = make_algorithm("evolution", space, seed=1, group_rate=0.0)
     for parent in algorithm.sample(40).tokens:
         child = algorithm.mutate(parent)
         assert space.is_valid(space.decode(child))
         changed = (child != parent).nonzero()[:, 0].tolist()
-        assert len(changed) in (1, 2), changed
-        if len(changed) == 2:  # op1 changed and forbade op2, which was redrawn
-            first, second = (space.positions[p] for p in changed)
-            assert (first.slot, second.slot) == (Slot.OPERAND1, Slot.OPERAND2)
-            assert first.group == second.group
+        assert 1 <= len(changed) <= 3, changed
+        if len(changed) > 1:  # op1 changed and forbade op2 and/or the binary, which were redrawn
+            first, *repaired = (space.positions[p] for p in changed)
+            assert first.slot == Slot.OPERAND1
+            assert {p.slot for p in repaired} <= {Slot.OPERAND2, Slot.BINARY}
+            assert all(p.group == first.group for p in repaired)
 
 
 def test_a_group_mutation_removes_or_redraws_one_group():
@@ -181,7 +182,7 @@ def test_state_dict_round_trip_reproduces_the_next_samples(warmup):
 @pytest.mark.parametrize(
     ("space", "target", "threshold", "budget"),
     [
-        ("paper", POWERSIGN, 0.8, 300),  # 8 of 10 tokens right
+        ("paper", POWERSIGN, 0.8, 500),  # 8 of 10 tokens right
         ("small", "m v id sqrt div", 1.0, 200),  # Adam itself, among 3000 strings
     ],
 )

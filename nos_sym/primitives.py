@@ -44,15 +44,30 @@ symbol     meaning                                     assumptions
 
 from __future__ import annotations
 
+import importlib
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import sympy as sp
-import torch
 
 from nos_sym import sign_decay
+
+if TYPE_CHECKING:
+    import torch
+else:
+
+    class _Torch:
+        """``torch``, imported at its first use: parsing and canonicalizing read this table but
+        never run its torch column, so ``nos-sym parse`` starts without torch (~1.7 s)."""
+
+        def __getattr__(self, name: str):
+            return getattr(importlib.import_module("torch"), name)
+
+    torch = _Torch()
 
 # --------------------------------------------------------------------------------------------
 # Constants of the language (docs/dsl.md)
@@ -486,9 +501,9 @@ PRIMITIVES: tuple[Primitive, ...] = (
         lowering=((sp.sign, "sign"),),
     ),
     # ---- binary functions ----------------------------------------------------------------
-    Primitive("add", Kind.BINARY, lambda x, y: x + y, torch.add, "{x} + {y}", "x + y"),
-    Primitive("sub", Kind.BINARY, lambda x, y: x - y, torch.sub, "{x} - {y}", "x − y"),
-    Primitive("mul", Kind.BINARY, lambda x, y: x * y, torch.mul, "{x} \\cdot {y}", "x · y"),
+    Primitive("add", Kind.BINARY, lambda x, y: x + y, operator.add, "{x} + {y}", "x + y"),
+    Primitive("sub", Kind.BINARY, lambda x, y: x - y, operator.sub, "{x} - {y}", "x − y"),
+    Primitive("mul", Kind.BINARY, lambda x, y: x * y, operator.mul, "{x} \\cdot {y}", "x · y"),
     Primitive(
         "div",
         Kind.BINARY,

@@ -9,15 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from nos_sym.dsl import DSLSyntaxError, Rule, parse
+from nos_sym.errors import CommandError  # defined there: evaluation.commands raises it too
 
 EXIT_USAGE = 2
-
-
-class CommandError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
 
 
 def rule_summary(rule: Rule) -> dict[str, object]:
@@ -127,17 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Show a warning (e.g. a torn sample log) as one line on stderr."""
+    print(f"nos-sym: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except _user_errors() as error:
-        message = " ".join(str(error).split())
-        print(f"nos-sym: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("nos-sym: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line
+        try:
+            args.run(args)
+        except _user_errors() as error:
+            message = " ".join(str(error).split())
+            print(f"nos-sym: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("nos-sym: interrupted", file=sys.stderr)
+            return 130
     return 0
 
 

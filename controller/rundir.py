@@ -38,7 +38,7 @@ from nos_sym.controller.algorithms import ALGORITHMS as ALGORITHM_CLASSES
 from nos_sym.controller.backends import BACKENDS
 from nos_sym.controller.space import SPACES
 from nos_sym.dsl import parse
-from nos_sym.errors import SearchError
+from nos_sym.errors import InputWarning, SearchError
 from nos_sym.evaluation.datasets import DATASETS
 from nos_sym.evaluation.protocol import PROTOCOLS
 
@@ -144,7 +144,7 @@ class Counters:
         self.best_reward = max(self.best_reward, line["reward"])
 
 
-class TornLogWarning(UserWarning):
+class TornLogWarning(InputWarning):
     """The sample log ends with an unterminated line (an append cut short), which is ignored."""
 
 

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from nos_sym.dsl import DSLSyntaxError, Rule, parse
-from nos_sym.errors import CommandError  # defined there: evaluation.commands raises it too
+from nos_sym.errors import CommandError, InputWarning  # defined there: layers raise them too
 
 EXIT_USAGE = 2
 
@@ -125,15 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """Show a warning (e.g. a torn sample log) as one line on stderr."""
-    print(f"nos-sym: warning: {message}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
-        warnings.showwarning = _warning_line
+        show = warnings.showwarning
+
+        def show_one_line(message, category, *where, **options) -> None:
+            """An :class:`InputWarning` (e.g. a torn sample log) as one line on stderr."""
+            if issubclass(category, InputWarning):
+                print(f"nos-sym: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, *where, **options)
+
+        warnings.showwarning = show_one_line
         try:
             args.run(args)
         except _user_errors() as error:

@@ -1,12 +1,13 @@
-"""The errors a user's input can cause, shared by the CLI and the layers it runs.
+"""The errors (and warnings) a user's input can cause, shared by the CLI and the layers it runs.
 
-The CLI prints each as one line ``nos-sym: error: ...`` and exits with status 2. This module
-imports nothing of nos_sym, so any module may raise these without an import cycle.
+The CLI prints an error as one line ``nos-sym: error: ...`` and exits with status 2, and a
+:class:`InputWarning` as one line ``nos-sym: warning: ...``. This module imports nothing of
+nos_sym, so any module may raise these without an import cycle.
 """
 
 from __future__ import annotations
 
-__all__ = ["CommandError", "SearchError"]
+__all__ = ["CommandError", "InputWarning", "SearchError"]
 
 
 class CommandError(Exception):
@@ -15,3 +16,8 @@ class CommandError(Exception):
 
 class SearchError(Exception):
     """A run that cannot start or resume (bad run directory, config mismatch, no CUDA, ...)."""
+
+
+class InputWarning(UserWarning):
+    """Something in the user's files is off, and the work goes on without it (e.g. a torn last
+    line of a sample log)."""

@@ -32,6 +32,7 @@ from nos_sym.controller.search import (
     status,
 )
 from nos_sym.evaluation.outcome import EvalResult
+from nos_sym.evaluation.store import RewardStore
 
 NOS_SYM = str(Path(sys.executable).with_name("nos-sym"))
 # one group over a handful of tokens: duplicates are frequent; synthetic data: ~0.3 s a rule
@@ -424,3 +425,49 @@ def test_a_store_that_is_not_sqlite_stops_a_search_before_it_writes(tmp_path):
     _one_line_error(done, str(store), "not an SQLite database")
     assert _digest(store) == digest
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+# --- waiting for another run, the GPU backend's plumbing ----------------------------------------
+
+
+def test_a_key_another_run_holds_is_waited_for(tmp_path):
+    run = SearchRun(tmp_path / "run", config())
+    held, dropped = parse("g g id id keep"), parse("m v id sqrt div")
+    other = RewardStore(run.store.path)
+    claims = {
+        rule.key: other.claim(*run._identity(rule.key), dsl=rule.dsl, owner="other", **lease)
+        for rule, lease in ((held, {}), (dropped, {"lease_seconds": 0.05}))
+    }
+    finished = run._wait(held)
+    done = EvalResult(dsl=held.dsl, key=held.key, status="ok", reward=0.25)
+    other.complete(claims[held.key], done)
+    assert finished.result(timeout=60).reward == 0.25
+    stopped = run._wait(dropped).result(timeout=60)  # its lease expires: the other run stopped
+    assert stopped.status == "failed" and "without a result" in stopped.message
+    assert other.claim(*run._identity(dropped.key), dsl=dropped.dsl, owner="next") is not None
+    other.close()
+    run.store.close()
+
+
+def test_gpu_backend_plumbing(monkeypatch):
+    from nos_sym.evaluation import evaluator
+
+    calls = []
+
+    def batch(dsls, **options):
+        calls.append(options)
+        if "boom" in dsls:
+            raise RuntimeError("boom")
+        return [EvalResult(dsl=dsl, key=dsl, status="ok", reward=0.5) for dsl in dsls]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(evaluator, "evaluate_batch", batch)
+    backend = GpuBackend()
+    jobs = [Job(dsl=dsl, key=dsl, dataset="synthetic", protocol="quick", seed=3) for dsl in "ab"]
+    assert [future.result().reward for future in backend.submit(jobs)] == [0.5, 0.5]
+    assert calls == [{"dataset": "synthetic", "protocol": "quick", "seed": 3, "device": "cuda"}]
+    failed = backend.submit([*jobs, Job("boom", "boom", "synthetic", "quick", 3)])
+    assert [future.result().status for future in failed] == ["failed"] * 3
+    assert failed[0].result().message == "RuntimeError: boom"
+    assert backend.submit([]) == []
+    backend.close()

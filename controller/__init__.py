@@ -5,6 +5,10 @@
 * :mod:`.policy`: :class:`Policy` (the paper's LSTM controller) and :class:`Samples`.
 * :mod:`.algorithms`: :class:`TRPO`, :class:`REINFORCE`, :class:`RandomSearch` and
   :func:`make_algorithm`.
+* :mod:`.search`: :class:`~.search.SearchRun`, the dedup-aware run loop (``nos-sym search``).
+* :mod:`.backends`: where candidates train (inline, process, Ray, GPU): the ``Backend`` protocol.
+* :mod:`.rundir`: a run directory's files (``SearchConfig``, sample log, checkpoint) and the
+  readers of a run (``leaderboard``, ``status``, ``steps``).
 * :mod:`.evolution`: :class:`RegularizedEvolution` (aging evolution, ``"evolution"``).
 """
 

@@ -8,31 +8,36 @@ import json
 import time
 from pathlib import Path
 
-from nos_sym.controller.search import (
+from nos_sym.controller.backends import BACKENDS
+from nos_sym.controller.rundir import (
     ALGORITHMS,
-    BACKENDS,
+    DEDUP,
     Counters,
     SearchConfig,
     SearchError,
-    SearchRun,
     leaderboard,
+    load_checkpoint,
     load_config,
     status,
 )
+from nos_sym.controller.search import SearchRun
+from nos_sym.controller.space import SPACES
+from nos_sym.evaluation.datasets import DATASETS
+from nos_sym.evaluation.protocol import PROTOCOLS
 
 _SEARCH_OPTIONS = {
     # option: (config field, type, help)
     "--budget": ("budget", int, "evaluations to pay for (new keys), not samples"),
     "--max-samples": ("max_samples", int, "stop after this many samples (default 20 × budget)"),
     "--algo": ("algo", str, f"controller training: {'|'.join(ALGORITHMS)}"),
-    "--space": ("space", str, "search space preset (paper, paper-decay, small, full)"),
+    "--space": ("space", str, f"search space preset: {' | '.join(SPACES)}"),
     "--groups": ("groups", int, "groups per rule, 1-3"),
-    "--dataset": ("dataset", str, "fashion-mnist | cifar10 | synthetic"),
-    "--protocol": ("protocol", str, "evaluation protocol: quick | paper"),
+    "--dataset": ("dataset", str, " | ".join(DATASETS)),
+    "--protocol": ("protocol", str, f"evaluation protocol: {' | '.join(PROTOCOLS)}"),
     "--seed": ("seed", int, "controller seed"),
     "--eval-seed": ("eval_seed", int, "child-network seed (part of a reward's identity)"),
     "--batch": ("batch", int, "samples per controller step"),
-    "--dedup": ("dedup", str, "key | numeric (also merge equal fingerprints)"),
+    "--dedup": ("dedup", str, f"{' | '.join(DEDUP)} (numeric: also merge equal fingerprints)"),
     "--backend": ("backend", str, f"where children train: {'|'.join(BACKENDS)}"),
     "--workers": ("workers", int, "concurrent evaluations"),
     "--store": ("store", str, "a reward store shared between runs (default: in the run dir)"),
@@ -138,6 +143,7 @@ def _report_command(args: argparse.Namespace) -> None:
     if args.output is None and args.html is None:
         raise SearchError("nothing to write: give -o FILE.png, --html FILE.html or both")
     load_config(args.run_dir)
+    load_checkpoint(args.run_dir)  # a damaged checkpoint: one error before any file is written
     try:
         written = list(write_report(args.run_dir, args.output)) if args.output else []
         if args.html:

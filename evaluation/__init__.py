@@ -18,3 +18,7 @@ section 4.2): a learning-rate sweep, then a longer run at the best rate,
 
 See ``docs/evaluation.md`` and ``docs/store.md``.
 """
+
+from nos_sym.evaluation.outcome import STATUSES, EvalResult, Status
+
+__all__ = ["STATUSES", "EvalResult", "Status"]

@@ -4,6 +4,11 @@ as candidate rules (:func:`~nos_sym.evaluation.evaluator.evaluate_optimizer`).
 Hyper-parameters are the libraries' defaults (``torch.optim``; TensorFlow's for PowerSign and
 AddSign, as :mod:`nos_sym.sign_optim` implements them): only the learning rate is swept, as for
 candidates. ``-ld`` variants decay the sign term linearly to 0 over each run's steps.
+
+A baseline's ``dsl`` is its rule in :data:`nos_sym.presets.PRESETS` where the preset takes the
+same steps (SGD, Adam, PowerSign and AddSign with their linear decays); ``momentum`` and
+``rmsprop`` have none (the presets of those names differ from ``torch.optim``'s, see
+:mod:`nos_sym.presets`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor
 from nos_sym.evaluation import datasets
 from nos_sym.evaluation.evaluator import EvalResult, Progress, evaluate_optimizer
 from nos_sym.evaluation.protocol import Protocol, get_protocol
+from nos_sym.presets import PRESETS
 from nos_sym.sign_decay import SignDecay, linear
 from nos_sym.sign_optim import AddSign, PowerSign
 
@@ -38,14 +44,14 @@ class Baseline:
 
 
 BASELINES: dict[str, Baseline] = {
-    "sgd": Baseline(torch.optim.SGD, dsl="g g id id keep"),
+    "sgd": Baseline(torch.optim.SGD, dsl=PRESETS["sgd"]),
     "momentum": Baseline(torch.optim.SGD, {"momentum": 0.9}),
-    "adam": Baseline(torch.optim.Adam, dsl="adam g id id keep"),
+    "adam": Baseline(torch.optim.Adam, dsl=PRESETS["adam"]),
     "rmsprop": Baseline(torch.optim.RMSprop),
-    "powersign": Baseline(PowerSign, dsl="sign_g sign_m id id mul ; o1 g exp id mul"),
-    "addsign": Baseline(AddSign, dsl="sign_g sign_m id id mul ; o1 one id id add ; o2 g id id mul"),
-    "powersign-ld": Baseline(PowerSign, sign_decay=linear),
-    "addsign-ld": Baseline(AddSign, sign_decay=linear),
+    "powersign": Baseline(PowerSign, dsl=PRESETS["powersign"]),
+    "addsign": Baseline(AddSign, dsl=PRESETS["addsign"]),
+    "powersign-ld": Baseline(PowerSign, sign_decay=linear, dsl=PRESETS["powersign-ld"]),
+    "addsign-ld": Baseline(AddSign, sign_decay=linear, dsl=PRESETS["addsign-ld"]),
 }
 
 

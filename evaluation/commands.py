@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 from nos_sym.dsl import parse
+from nos_sym.errors import CommandError
 from nos_sym.evaluation import datasets
+from nos_sym.evaluation.baselines import BASELINES
 from nos_sym.evaluation.protocol import PROTOCOLS, get_protocol
 from nos_sym.evaluation.store import Record, RewardStore, new_owner
+
+WAIT_SECONDS = 2.0
+"""How often ``nos-sym evaluate`` looks whether another process finished the same evaluation."""
 
 
 def default_store() -> Path:
@@ -34,16 +38,8 @@ def progress_bar(description: str):
 
 
 def _record_json(record: Record, cached: bool) -> dict:
-    return {
-        "dsl": record.dsl,
-        "key": record.key,
-        "status": record.status,
-        "reward": record.reward,
-        "best_lr": record.best_lr,
-        "sweep": record.sweep or {},
-        "seconds": record.seconds,
-        "cached": cached,
-    }
+    """The stored result as JSON, and whether it was answered from the store."""
+    return {**record.result.to_json(), "cached": cached}
 
 
 def _evaluate_rule(args: argparse.Namespace) -> dict:
@@ -55,19 +51,11 @@ def _evaluate_rule(args: argparse.Namespace) -> dict:
     store_path = Path(args.store) if args.store else default_store()
     store_path.parent.mkdir(parents=True, exist_ok=True)
     with RewardStore(store_path) as store:
-        if rule.is_degenerate:
-            record = store.get(*identity) or store.put(
-                *identity,
-                dsl=rule.dsl,
-                status="degenerate",
-                reward=0.0,
-                message="the update does not depend on the gradient",
-            )
+        if rule.is_degenerate:  # evaluate() screens it out: its result, without training
+            degenerate = evaluate(rule, protocol=protocol, seed=args.seed, device=args.device)
+            record = store.get(*identity) or store.put(*identity, degenerate)
             return _record_json(record, cached=False)
-        answer = store.claim(*identity, dsl=rule.dsl, owner=new_owner())
-        while answer is None:  # another process is evaluating it right now
-            time.sleep(2.0)
-            answer = store.get(*identity) or store.claim(*identity, dsl=rule.dsl, owner=new_owner())
+        answer = store.wait(*identity, dsl=rule.dsl, owner=new_owner(), every=WAIT_SECONDS)
         if isinstance(answer, Record):
             return _record_json(answer, cached=True)
         datasets.load(args.dataset)  # a missing dataset: one clear error, before training
@@ -86,7 +74,7 @@ def _evaluate_rule(args: argparse.Namespace) -> dict:
             raise
         finally:
             bar.close()
-        record = store.complete(answer, **result.store_fields())
+        record = store.complete(answer, result)
         return _record_json(record, cached=False)
 
 
@@ -114,8 +102,6 @@ def _baselines(args: argparse.Namespace) -> None:
 
 
 def _evaluate_command(args: argparse.Namespace) -> None:
-    from nos_sym.cli import CommandError
-
     if args.dataset not in datasets.DATASETS:
         raise CommandError(
             f"unknown dataset {args.dataset!r} (known: {', '.join(datasets.DATASETS)})"
@@ -131,8 +117,9 @@ def _evaluate_command(args: argparse.Namespace) -> None:
     if args.format == "json":
         print(json.dumps(summary))
         return
+    width = max(map(len, summary))
     for name, value in summary.items():
-        print(f"{name:>8}: {value}")
+        print(f"{name:>{width}}: {value}")
 
 
 def add_evaluate(subparsers) -> None:
@@ -147,8 +134,7 @@ def add_evaluate(subparsers) -> None:
     command.add_argument(
         "--baselines",
         action="store_true",
-        help="print the baseline table (SGD, Momentum, Adam, RMSProp, PowerSign, "
-        "AddSign) under the same protocol instead",
+        help=f"print the baseline table ({', '.join(BASELINES)}) under the same protocol instead",
     )
     command.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the baseline table"

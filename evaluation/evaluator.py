@@ -22,10 +22,12 @@ handful of kernels. Nothing is compiled per candidate. Threads: torch's intra-op
 (default: every core). Parallel workers must split the cores (``torch.set_num_threads``): two
 2-thread processes on 2 cores spin against each other and run ~10× slower.
 
-Outcomes: ``ok``; ``diverged`` (every learning rate, or the final run, produced a non-finite loss
-or parameter; a diverged sweep run scores 0 and another learning rate may still win); ``degenerate``
-(the rule cannot train anything: no training at all); ``failed`` (the candidate raised; the message
-says what). The reward is 0 unless ``ok``, and never NaN.
+Every evaluator returns an :class:`~nos_sym.evaluation.outcome.EvalResult` (re-exported here),
+decided in one place (:func:`_scored`): ``ok``; ``diverged`` (every learning rate, or the final
+run, produced a non-finite loss or parameter; a diverged sweep run scores 0 and another learning
+rate may still win); ``degenerate`` (the rule cannot train anything: no training at all);
+``failed`` (the candidate raised; the message says what). The reward is 0 unless ``ok``, and never
+NaN. The data and its caches are :mod:`nos_sym.evaluation.data`.
 """
 
 from __future__ import annotations
@@ -42,8 +44,23 @@ from torch import Tensor
 from nos_sym.dsl import Rule, as_rule
 from nos_sym.evaluation import datasets
 from nos_sym.evaluation.child import ChildNet, StackedChild, init_child
-from nos_sym.evaluation.protocol import Protocol, derived_seed, epoch_order, get_protocol
+from nos_sym.evaluation.data import Data, prepared, shuffled_epoch
+from nos_sym.evaluation.outcome import STATUSES, EvalResult, Status
+from nos_sym.evaluation.protocol import Protocol, derived_seed, get_protocol
 from nos_sym.symbolic_optim import SymbolicOptimizer, symbolic_update
+
+__all__ = [
+    "DEFAULT_MAX_MODELS",
+    "DIVERGENCE_CHECK_EVERY",
+    "EVAL_MODEL_EXAMPLES",
+    "STATUSES",
+    "EvalResult",
+    "OptimizerFactory",
+    "Progress",
+    "evaluate",
+    "evaluate_batch",
+    "evaluate_optimizer",
+]
 
 OptimizerFactory = Callable[[list[Tensor], float, int], torch.optim.Optimizer]
 """``(params, lr, total_steps) -> optimizer``: how :func:`evaluate_optimizer` builds each run's
@@ -51,7 +68,6 @@ optimizer."""
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called after each training run (one model at one learning rate)."""
 
-STATUSES = ("ok", "diverged", "degenerate", "failed")
 DIVERGENCE_CHECK_EVERY = 25
 """Steps between the host syncs that stop a run early once every model in it has diverged."""
 EVAL_MODEL_EXAMPLES = 500
@@ -61,62 +77,7 @@ DEFAULT_MAX_MODELS = {"cuda": 1_024, "cpu": 32}
 """Models trained at once by :func:`evaluate_batch`, by device type."""
 
 
-@dataclass(frozen=True)
-class EvalResult:
-    """The outcome of one candidate under one protocol and seed."""
-
-    dsl: str
-    key: str  # the rule's canonical key (a baseline's name for a baseline)
-    status: str  # one of STATUSES
-    reward: float  # final held-out accuracy if ok, else 0.0
-    best_lr: float | None
-    # lr -> held-out accuracy after the sweep run (0 if it diverged)
-    sweep: dict[float, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    device: str = "cpu"
-    message: str = ""
-    protocol_hash: str = ""
-    seed: int = 0
-
-    def store_fields(self) -> dict:
-        """What the reward store records of this result (JSON-able: learning rates as text),
-        as keyword arguments of ``RewardStore.complete``."""
-        return {
-            "status": self.status,
-            "reward": self.reward,
-            "best_lr": self.best_lr,
-            "sweep": {f"{lr:g}": accuracy for lr, accuracy in self.sweep.items()},
-            "seconds": self.seconds,
-            "device": self.device,
-            "message": self.message,
-        }
-
-
-# --- data ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class _Data:
-    """A dataset's training pool and held-out split: normalised, on the device, in the protocol's
-    dtype."""
-
-    train_x: Tensor
-    train_y: Tensor
-    valid_x: Tensor
-    valid_y: Tensor
-    shape: tuple[int, int, int]
-    classes: int
-
-
-_load_dataset = functools.lru_cache(maxsize=4)(datasets.load)
-
-
-def _dataset(dataset: str | datasets.Dataset) -> datasets.Dataset:
-    return _load_dataset(dataset) if isinstance(dataset, str) else dataset
-
-
-def _compute_dtype(protocol: Protocol) -> torch.dtype:
-    return torch.bfloat16 if protocol.precision == "bf16" else torch.float32
+# --- the child ---------------------------------------------------------------------------------
 
 
 def _memory_format(protocol: Protocol) -> torch.memory_format:
@@ -128,71 +89,12 @@ def _memory_format(protocol: Protocol) -> torch.memory_format:
 
 
 @functools.lru_cache(maxsize=4)
-def _prepare(
-    dataset: datasets.Dataset,
-    n_valid: int,
-    split_seed: int,
-    pool: int | None,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> _Data:
-    """Normalise ``(x/255 − mean)/std`` once; keep the first ``pool`` training indices (a random
-    subset: the split is a random permutation) and the ``n_valid`` held-out ones."""
-    train_idx, valid_idx = datasets.validation_split(dataset, n_valid=n_valid, seed=split_seed)
-    if pool is not None and pool > len(train_idx):
-        raise ValueError(
-            f"{dataset.name}: the protocol trains on {pool} examples but only {len(train_idx)} "
-            f"remain after holding out {n_valid}"
-        )
-    mean = torch.tensor(dataset.mean).view(1, -1, 1, 1)
-    std = torch.tensor(dataset.std).view(1, -1, 1, 1)
-
-    def images(indices: Tensor) -> Tensor:
-        x = (dataset.train_x[indices].float() / 255 - mean) / std
-        return x.to(device, dtype)
-
-    train_idx = train_idx[:pool]
-    return _Data(
-        train_x=images(train_idx),
-        train_y=dataset.train_y[train_idx].to(device),
-        valid_x=images(valid_idx),
-        valid_y=dataset.train_y[valid_idx].to(device),
-        shape=dataset.shape,
-        classes=len(dataset.classes),
-    )
-
-
-def _data(dataset: str | datasets.Dataset, protocol: Protocol, device: torch.device) -> _Data:
-    pool = (
-        None
-        if protocol.final_examples is None
-        else max(protocol.sweep_examples, protocol.final_examples)
-    )
-    return _prepare(
-        _dataset(dataset),
-        protocol.n_valid,
-        protocol.split_seed,
-        pool,
-        device,
-        _compute_dtype(protocol),
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def _epoch(data: _Data, seed: int, epoch: int, examples: int) -> tuple[Tensor, Tensor]:
-    """The first ``examples`` of the pool in epoch ``epoch``'s order: one gather, then batches
-    are contiguous slices. Cached: every candidate of a search shares the seed."""
-    order = epoch_order(seed, epoch, examples).to(data.train_x.device)
-    return data.train_x[:examples][order], data.train_y[:examples][order]
-
-
-@functools.lru_cache(maxsize=4)
 def _initial_child(shape: tuple[int, int, int], classes: int, seed: int) -> ChildNet:
     return init_child(shape, classes, seed)
 
 
 def _model(
-    data: _Data, protocol: Protocol, seed: int, copies: int, device: torch.device
+    data: Data, protocol: Protocol, seed: int, copies: int, device: torch.device
 ) -> StackedChild:
     """``copies`` children, all with the initialisation drawn from ``seed``."""
     child = _initial_child(data.shape, data.classes, seed)
@@ -211,7 +113,7 @@ def _autocast(protocol: Protocol, device: torch.device):
 def _train_and_score(
     model: StackedChild,
     update: Callable[[], None],
-    data: _Data,
+    data: Data,
     protocol: Protocol,
     seed: int,
     epochs: int,
@@ -223,7 +125,7 @@ def _train_and_score(
     diverged = torch.zeros(model.copies, dtype=torch.bool, device=model.params.device)
     step = 0
     for epoch in range(epochs):
-        xs, ys = _epoch(data, seed, epoch, examples)
+        xs, ys = shuffled_epoch(data, seed, epoch, examples)
         for start in range(0, examples - batch + 1, batch):
             with _autocast(protocol, xs.device):
                 losses = model.losses(xs[start : start + batch], ys[start : start + batch])
@@ -245,7 +147,7 @@ def _check(model: StackedChild, diverged: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def _accuracy(model: StackedChild, data: _Data, protocol: Protocol) -> Tensor:
+def _accuracy(model: StackedChild, data: Data, protocol: Protocol) -> Tensor:
     """Held-out accuracy ``[K]`` with the batch-norm running statistics, in large batches."""
     batch = max(protocol.batch_size, EVAL_MODEL_EXAMPLES // model.copies)
     correct = torch.zeros(model.copies, dtype=torch.long, device=data.valid_y.device)
@@ -268,6 +170,47 @@ def _message(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _scored(
+    dsl: str,
+    key: str,
+    *,
+    sweep: dict[float, float],
+    best_lr: float | None,
+    final: tuple[float, bool] | None,
+    failure: str | None,
+    seconds: float,
+    device: str,
+    protocol: Protocol,
+    seed: int,
+) -> EvalResult:
+    """The scoring decision of both evaluators, from the sweep's best learning rate and the final
+    run's (held-out accuracy, diverged): ``failed`` if the candidate raised (``failure``);
+    ``diverged`` if every learning rate diverged (``best_lr`` None) or the final run did; else
+    ``ok`` with reward = the final run's accuracy."""
+    status: Status
+    if failure is not None:
+        status, reward, best_lr, message = "failed", 0.0, None, failure
+    elif best_lr is None or final is None:
+        status, reward, message = "diverged", 0.0, "every learning rate diverged"
+    elif final[1]:
+        status, reward, message = "diverged", 0.0, f"final run at lr={best_lr:g} diverged"
+    else:
+        status, reward, message = "ok", final[0], ""
+    return EvalResult(
+        dsl=dsl,
+        key=key,
+        status=status,
+        reward=reward,
+        best_lr=best_lr,
+        sweep=sweep,
+        seconds=seconds,
+        device=device,
+        message=message,
+        protocol_hash=protocol.hash,
+        seed=seed,
+    )
+
+
 # --- one candidate -------------------------------------------------------------------------------
 
 
@@ -287,7 +230,7 @@ def evaluate_optimizer(
     start = time.perf_counter()
     protocol = get_protocol(protocol)
     target = torch.device(device)
-    data = _data(dataset, protocol, target)
+    data = prepared(dataset, protocol, target)
     model = _model(data, protocol, seed, 1, target)
     runs = [(lr, protocol.sweep_epochs, protocol.sweep_examples) for lr in protocol.learning_rates]
     final_examples = protocol.final_examples or len(data.train_y)
@@ -304,33 +247,29 @@ def evaluate_optimizer(
             progress(len(sweep) + 1, len(runs) + 1)
         return float(accuracy[0]), bool(bad[0])
 
-    def result(status: str, reward: float = 0.0, best_lr: float | None = None, message: str = ""):
-        return EvalResult(
-            dsl=dsl,
-            key=key,
-            status=status,
-            reward=reward,
-            best_lr=best_lr,
-            sweep=sweep,
-            seconds=time.perf_counter() - start,
-            device=str(target),
-            message=message,
-            protocol_hash=protocol.hash,
-            seed=seed,
-        )
-
+    best_lr: float | None = None
+    final: tuple[float, bool] | None = None
+    failure: str | None = None
     try:
         for lr, epochs, examples in runs:
             sweep[lr], diverged[lr] = train(lr, epochs, examples)
         best_lr = _best_lr(sweep, diverged)
-        if best_lr is None:
-            return result("diverged", message="every learning rate diverged")
-        reward, bad = train(best_lr, protocol.final_epochs, final_examples)
+        if best_lr is not None:
+            final = train(best_lr, protocol.final_epochs, final_examples)
     except Exception as error:  # the candidate's own failure: report it, never raise
-        return result("failed", message=_message(error))
-    if bad:
-        return result("diverged", best_lr=best_lr, message=f"final run at lr={best_lr:g} diverged")
-    return result("ok", reward, best_lr)
+        failure = _message(error)
+    return _scored(
+        dsl,
+        key,
+        sweep=sweep,
+        best_lr=best_lr,
+        final=final,
+        failure=failure,
+        seconds=time.perf_counter() - start,
+        device=str(target),
+        protocol=protocol,
+        seed=seed,
+    )
 
 
 def _rule_optimizer(rule: Rule, seed: int, device: torch.device) -> OptimizerFactory:
@@ -350,7 +289,7 @@ def _rule_generator(rule: Rule, seed: int, device: torch.device) -> torch.Genera
 
 
 def _unscored(
-    dsl: str, key: str, status: str, message: str, protocol: Protocol, seed: int, device: str
+    dsl: str, key: str, status: Status, message: str, protocol: Protocol, seed: int, device: str
 ) -> EvalResult:
     return EvalResult(
         dsl=dsl,
@@ -423,7 +362,7 @@ class _Job:
 def _train_stack(
     runs: Sequence[tuple[int, Rule, float]],
     *,
-    data: _Data,
+    data: Data,
     protocol: Protocol,
     seed: int,
     epochs: int,
@@ -505,7 +444,7 @@ def evaluate_batch(
     target = torch.device(device)
     screened = [_screen(rule, protocol, seed, str(target)) for rule in rules]
     live = {i: rule for i, rule in enumerate(screened) if isinstance(rule, Rule)}
-    data = _data(dataset, protocol, target)
+    data = prepared(dataset, protocol, target)
     max_models = max_models or DEFAULT_MAX_MODELS.get(target.type, DEFAULT_MAX_MODELS["cuda"])
     final_examples = protocol.final_examples or len(data.train_y)
     lrs = protocol.learning_rates
@@ -549,25 +488,16 @@ def evaluate_batch(
     }
 
     def result(i: int, rule: Rule) -> EvalResult:
-        if i in failures:
-            status, reward, message = "failed", 0.0, failures[i]
-        elif best[i] is None:
-            status, reward, message = "diverged", 0.0, "every learning rate diverged"
-        elif finals[i][1]:
-            status, reward, message = "diverged", 0.0, f"final run at lr={best[i]:g} diverged"
-        else:
-            status, reward, message = "ok", finals[i][0], ""
-        return EvalResult(
-            dsl=rule.dsl,
-            key=rule.key,
-            status=status,
-            reward=reward,
-            best_lr=None if status == "failed" else best[i],
+        return _scored(
+            rule.dsl,
+            rule.key,
             sweep=sweeps[i],
+            best_lr=best[i],
+            final=finals.get(i),
+            failure=failures.get(i),
             seconds=seconds,
             device=str(target),
-            message=message,
-            protocol_hash=protocol.hash,
+            protocol=protocol,
             seed=seed,
         )
 

@@ -9,14 +9,19 @@ Work is shared through leases. ``claim`` atomically returns either the finished 
 ``complete`` or ``release``). A lease that expires — its worker crashed — may be claimed by
 someone else; until then the original owner may still complete it.
 
+A result is an :class:`~nos_sym.evaluation.outcome.EvalResult`, stored as it is (one column per
+field of the outcome, the sweep as JSON with its learning rates as text) and read back as the same
+type inside a :class:`Record`. :meth:`RewardStore.wait` is the one way to wait for another worker's
+evaluation.
+
 Everything is stored as SQL values or JSON text; nothing is pickled. Finished rows are never
-overwritten or deleted by this module.
+overwritten or deleted by this module. A file that is not a reward store (not SQLite, or another
+application's SQLite database) is refused before anything is written to it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import socket
@@ -28,7 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
+
+from nos_sym.evaluation import outcome
+from nos_sym.evaluation.outcome import EvalResult
 
 __all__ = [
     "FINISHED_STATUSES",
@@ -42,9 +50,9 @@ __all__ = [
     "new_owner",
 ]
 
-Status = Literal["running", "ok", "diverged", "degenerate", "failed"]
-STATUSES: tuple[Status, ...] = ("running", "ok", "diverged", "degenerate", "failed")
-FINISHED_STATUSES: frozenset[str] = frozenset(STATUSES) - {"running"}
+STATUSES: tuple[str, ...] = ("running", *outcome.STATUSES)
+"""The states of a row: ``running`` while a worker holds its lease, then a result's status."""
+FINISHED_STATUSES: frozenset[str] = frozenset(outcome.STATUSES)
 
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4E4F5352  # "NOSR": marks the file as a nos_sym reward store
@@ -78,15 +86,26 @@ CREATE TABLE rewards (
 """Version 1. A later version may only add (tables, nullable columns, indexes): nothing stored
 is ever dropped or rewritten."""
 
-_RECORD_COLUMNS = (
-    "key, protocol, dataset, seed, dsl, status, reward, best_lr, sweep, seconds, device, "
-    "message, extra, created, updated"
+_OUTCOME_COLUMNS = ("status", "reward", "best_lr", "sweep", "seconds", "device", "message")
+"""The columns of an :class:`EvalResult` (``to_json`` names), in table order."""
+_ROW_COLUMNS = (
+    "key",
+    "protocol",
+    "dataset",
+    "seed",
+    "dsl",
+    *_OUTCOME_COLUMNS,
+    "extra",
+    "created",
+    "updated",
 )
+_RECORD_COLUMNS = ", ".join(_ROW_COLUMNS)
 _PRIMARY_KEY = "key = ? AND protocol = ? AND dataset = ? AND seed = ?"
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 class StoreError(RuntimeError):
-    """The store file is not usable (unknown schema version, not a reward store)."""
+    """The store file is not usable (not SQLite, not a reward store, unknown schema version)."""
 
 
 class ClaimLostError(StoreError):
@@ -95,20 +114,15 @@ class ClaimLostError(StoreError):
 
 @dataclass(frozen=True)
 class Record:
-    """A finished evaluation: one row of the store. ``sweep`` maps ``str(lr)`` to accuracy."""
+    """A finished evaluation, one row of the store: its identity (rule key, protocol hash, data
+    set, seed), its :class:`EvalResult`, the caller's ``extra`` JSON and the row's timestamps
+    (unix time)."""
 
     key: str
     protocol: str
     dataset: str
     seed: int
-    dsl: str
-    status: Status
-    reward: float
-    best_lr: float | None
-    sweep: dict[str, float | None] | None
-    seconds: float | None
-    device: str | None
-    message: str | None
+    result: EvalResult
     extra: dict[str, Any] | None
     created: float
     updated: float
@@ -143,11 +157,21 @@ class RewardStore:
         busy_timeout_seconds: float = DEFAULT_BUSY_TIMEOUT_SECONDS,
     ) -> None:
         self.path = Path(path)
-        self._db = sqlite3.connect(self.path, timeout=busy_timeout_seconds, isolation_level=None)
+        _check_header(self.path)
         try:
+            self._db = sqlite3.connect(
+                self.path, timeout=busy_timeout_seconds, isolation_level=None
+            )
+        except sqlite3.Error as error:
+            raise StoreError(f"{self.path}: cannot open as a reward store ({error})") from None
+        try:
+            self._check_application()  # before WAL: switching to WAL writes to the file
             self._enable_wal(busy_timeout_seconds)
             self._db.execute("PRAGMA synchronous = FULL")
             self._init_schema()
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            raise StoreError(f"{self.path}: cannot open as a reward store ({error})") from None
         except BaseException:
             self._db.close()
             raise
@@ -176,43 +200,6 @@ class RewardStore:
             (key, protocol, dataset, seed),
         ).fetchone()
         return _record(row) if row else None
-
-    def records(
-        self, protocol: str | None = None, dataset: str | None = None, seed: int | None = None
-    ) -> Iterator[Record]:
-        """Finished records matching the filters, oldest first (a snapshot taken at the call)."""
-        where, params = _filters(protocol, dataset, seed)
-        rows = self._db.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM rewards WHERE status != 'running'{where} "
-            "ORDER BY created, key",
-            params,
-        ).fetchall()
-        return (_record(row) for row in rows)
-
-    def leaderboard(
-        self,
-        n: int = 10,
-        *,
-        protocol: str | None = None,
-        dataset: str | None = None,
-        seed: int | None = None,
-    ) -> list[Record]:
-        """The ``n`` best ``ok`` records by reward (ties: earliest first)."""
-        where, params = _filters(protocol, dataset, seed)
-        rows = self._db.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM rewards WHERE status = 'ok'{where} "
-            "ORDER BY reward DESC, created, key LIMIT ?",
-            (*params, n),
-        ).fetchall()
-        return [_record(row) for row in rows]
-
-    def counts(self, protocol: str | None = None, dataset: str | None = None) -> dict[str, int]:
-        """Number of rows per status (every status present, running included)."""
-        where, params = _filters(protocol, dataset, None)
-        rows = self._db.execute(
-            f"SELECT status, COUNT(*) FROM rewards WHERE 1{where} GROUP BY status", params
-        ).fetchall()
-        return {status: 0 for status in STATUSES} | dict(rows)
 
     # --- writes ----------------------------------------------------------------------------------
 
@@ -274,29 +261,39 @@ class RewardStore:
             self._require_held(db, claim)
             db.execute(f"DELETE FROM rewards WHERE {_PRIMARY_KEY}", _primary_key(claim))
 
-    def complete(
+    def wait(
         self,
-        claim: Claim,
+        key: str,
+        protocol: str,
+        dataset: str,
+        seed: int,
         *,
-        status: Status,
-        reward: float,
-        best_lr: float | None = None,
-        sweep: Mapping[str, float | None] | None = None,
-        seconds: float | None = None,
-        device: str | None = None,
-        message: str | None = None,
-        extra: Mapping[str, Any] | None = None,
+        dsl: str,
+        owner: str,
+        every: float = 1.0,
+        lease_seconds: float = 3600.0,
+    ) -> Record | Claim:
+        """:meth:`claim`, waiting (polling every ``every`` seconds) while another worker holds a
+        live lease: the finished :class:`Record`, or a :class:`Claim` for ``owner`` once that
+        lease is released or has expired (its worker stopped without a result)."""
+        identity = (key, protocol, dataset, seed)
+        while (
+            answer := self.claim(*identity, dsl=dsl, owner=owner, lease_seconds=lease_seconds)
+        ) is None:
+            time.sleep(every)
+        return answer
+
+    def complete(
+        self, claim: Claim, result: EvalResult, *, extra: Mapping[str, Any] | None = None
     ) -> Record:
         """Record the result of a held claim; raises :class:`ClaimLostError` if it is not held.
-
-        ``reward`` must be finite, and 0 unless ``status`` is ``"ok"``.
-        """
-        values = _result_values(status, reward, best_lr, sweep, seconds, device, message, extra)
+        The row keeps the claim's identity and the ``dsl`` it was claimed with."""
+        values = _outcome_values(result, extra)
+        assignments = ", ".join(f"{column} = ?" for column in (*_OUTCOME_COLUMNS, "extra"))
         with self._write() as db:
             self._require_held(db, claim)
             db.execute(
-                "UPDATE rewards SET status = ?, reward = ?, best_lr = ?, sweep = ?, seconds = ?, "
-                "device = ?, message = ?, extra = ?, lease_owner = NULL, lease_expires = NULL, "
+                f"UPDATE rewards SET {assignments}, lease_owner = NULL, lease_expires = NULL, "
                 f"updated = ? WHERE {_PRIMARY_KEY}",
                 (*values, time.time(), *_primary_key(claim)),
             )
@@ -310,21 +307,14 @@ class RewardStore:
         protocol: str,
         dataset: str,
         seed: int,
+        result: EvalResult,
         *,
-        dsl: str,
-        status: Status,
-        reward: float,
-        best_lr: float | None = None,
-        sweep: Mapping[str, float | None] | None = None,
-        seconds: float | None = None,
-        device: str | None = None,
-        message: str | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> Record:
         """Insert a finished record without a claim (e.g. a degenerate rule, found before any
-        training). A running row is superseded; an existing finished row is kept (first result
-        wins) and returned."""
-        values = _result_values(status, reward, best_lr, sweep, seconds, device, message, extra)
+        training), with ``result.dsl``. A running row is superseded; an existing finished row is
+        kept (first result wins) and returned."""
+        values = _outcome_values(result, extra)
         with self._write() as db:
             row = db.execute(
                 f"SELECT status FROM rewards WHERE {_PRIMARY_KEY}", (key, protocol, dataset, seed)
@@ -332,10 +322,9 @@ class RewardStore:
             if row is None or row[0] == "running":
                 now = time.time()
                 db.execute(
-                    "INSERT OR REPLACE INTO rewards (key, protocol, dataset, seed, dsl, status, "
-                    "reward, best_lr, sweep, seconds, device, message, extra, created, updated) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (key, protocol, dataset, seed, dsl, *values, now, now),
+                    f"INSERT OR REPLACE INTO rewards ({_RECORD_COLUMNS}) "
+                    f"VALUES ({', '.join('?' * len(_ROW_COLUMNS))})",
+                    (key, protocol, dataset, seed, result.dsl, *values, now, now),
                 )
         record = self.get(key, protocol, dataset, seed)
         assert record is not None  # finished rows are never removed
@@ -368,6 +357,12 @@ class RewardStore:
                 if "locked" not in str(error) or time.monotonic() > deadline:
                     raise
                 time.sleep(random.uniform(0.005, 0.05))
+
+    def _check_application(self) -> None:
+        """Refuse another application's SQLite file, reading only."""
+        application_id = self._db.execute("PRAGMA application_id").fetchone()[0]
+        if application_id not in (0, APPLICATION_ID):
+            raise StoreError(f"{self.path} is an SQLite file but not a nos_sym reward store")
 
     def _init_schema(self) -> None:
         with self._write() as db:
@@ -403,46 +398,28 @@ def _primary_key(claim: Claim) -> tuple[str, str, str, int]:
     return claim.key, claim.protocol, claim.dataset, claim.seed
 
 
-def _filters(
-    protocol: str | None, dataset: str | None, seed: int | None
-) -> tuple[str, tuple[Any, ...]]:
-    """`` AND column = ?`` clauses for the filters that are set, and their parameters."""
-    chosen = [
-        (column, value)
-        for column, value in (("protocol", protocol), ("dataset", dataset), ("seed", seed))
-        if value is not None
-    ]
-    return "".join(f" AND {column} = ?" for column, _ in chosen), tuple(v for _, v in chosen)
+def _check_header(path: Path) -> None:
+    """Refuse, before SQLite touches it, a file that is not an SQLite database (an empty file is
+    one: SQLite makes it a new database)."""
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        return  # a new store
+    except OSError as error:
+        raise StoreError(f"{path}: cannot read it ({error.strerror or error})") from None
+    if header and header != _SQLITE_HEADER:
+        raise StoreError(
+            f"{path} is not an SQLite database (no SQLite header), so not a reward store; "
+            "give a reward-store file or a new path"
+        )
 
 
-def _result_values(
-    status: str,
-    reward: float,
-    best_lr: float | None,
-    sweep: Mapping[str, float | None] | None,
-    seconds: float | None,
-    device: str | None,
-    message: str | None,
-    extra: Mapping[str, Any] | None,
-) -> tuple[Any, ...]:
-    """Validate a result; return the column values (status .. extra) in table order."""
-    if status not in FINISHED_STATUSES:
-        raise ValueError(f"status must be one of {sorted(FINISHED_STATUSES)}, got {status!r}")
-    reward = float(reward)
-    if not math.isfinite(reward):
-        raise ValueError(f"reward must be finite, got {reward}")
-    if status != "ok" and reward != 0.0:
-        raise ValueError(f"a {status!r} result has reward 0, got {reward}")
-    return (
-        status,
-        reward,
-        None if best_lr is None else float(best_lr),
-        _to_json(sweep),
-        None if seconds is None else float(seconds),
-        device,
-        message,
-        _to_json(extra),
-    )
+def _outcome_values(result: EvalResult, extra: Mapping[str, Any] | None) -> tuple[Any, ...]:
+    """The column values (outcome columns, then extra) of a result."""
+    fields = result.to_json()
+    fields["sweep"] = _to_json(fields["sweep"])
+    return (*(fields[column] for column in _OUTCOME_COLUMNS), _to_json(extra))
 
 
 def _to_json(value: Mapping[str, Any] | None) -> str | None:
@@ -451,21 +428,20 @@ def _to_json(value: Mapping[str, Any] | None) -> str | None:
 
 
 def _record(row: tuple[Any, ...]) -> Record:
-    (key, protocol, dataset, seed, dsl, status, reward, best_lr, sweep, seconds, device,
-     message, extra, created, updated) = row  # fmt: skip
+    key, protocol, dataset, seed, dsl, *values, extra, created, updated = row
+    columns = dict(zip(_OUTCOME_COLUMNS, values, strict=True))
+    columns["sweep"] = None if columns["sweep"] is None else json.loads(columns["sweep"])
+    # a NULL column (a row written without that field) reads as the field's default
+    given = {name: value for name, value in columns.items() if value is not None}
+    result = EvalResult.from_json(
+        {"dsl": dsl, "key": key, "protocol_hash": protocol, "seed": seed, **given}
+    )
     return Record(
         key=key,
         protocol=protocol,
         dataset=dataset,
         seed=seed,
-        dsl=dsl,
-        status=status,
-        reward=reward,
-        best_lr=best_lr,
-        sweep=None if sweep is None else json.loads(sweep),
-        seconds=seconds,
-        device=device,
-        message=message,
+        result=result,
         extra=None if extra is None else json.loads(extra),
         created=created,
         updated=updated,

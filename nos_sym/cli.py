@@ -9,15 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from nos_sym.dsl import DSLSyntaxError, Rule, parse
+from nos_sym.errors import CommandError, InputWarning  # defined there: layers raise them too
 
 EXIT_USAGE = 2
-
-
-class CommandError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
 
 
 def rule_summary(rule: Rule) -> dict[str, object]:
@@ -133,15 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except _user_errors() as error:
-        message = " ".join(str(error).split())
-        print(f"nos-sym: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("nos-sym: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def show_one_line(message, category, *where, **options) -> None:
+            """An :class:`InputWarning` (e.g. a torn sample log) as one line on stderr."""
+            if issubclass(category, InputWarning):
+                print(f"nos-sym: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, *where, **options)
+
+        warnings.showwarning = show_one_line
+        try:
+            args.run(args)
+        except _user_errors() as error:
+            message = " ".join(str(error).split())
+            print(f"nos-sym: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print("nos-sym: interrupted", file=sys.stderr)
+            return 130
     return 0
 
 

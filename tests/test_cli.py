@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -115,8 +117,13 @@ def test_evaluate_json_is_memoized_in_the_store(tmp_path):
         "best_lr",
         "sweep",
         "seconds",
+        "device",
+        "message",
+        "protocol_hash",
+        "seed",
         "cached",
-    }
+    }  # the EvalResult's to_json(), and whether it came from the store
+    assert set(result["sweep"]) == {"0.001", "0.01", "0.1"}  # the quick protocol's rates
     assert result["status"] == "ok" and result["cached"] is False and 0 < result["reward"] <= 1
     second = json.loads(nos_sym(*args).stdout)
     assert second["cached"] is True and second["reward"] == result["reward"]
@@ -209,3 +216,19 @@ def test_report_of_a_directory_that_is_no_run(tmp_path):
     done = nos_sym("report", str(tmp_path), "--html", str(tmp_path / "r.html"))
     assert done.returncode == 2 and "not a search run directory" in done.stderr
     assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [bytes(random.Random(1).randrange(256) for _ in range(1000)), b"not a database\n"],
+    ids=["random-bytes", "text"],
+)
+def test_evaluate_with_a_store_that_is_not_sqlite(tmp_path, content):
+    store = tmp_path / "store.sqlite"
+    store.write_bytes(content)
+    digest = hashlib.sha256(content).hexdigest()
+    done = nos_sym("evaluate", "g g id id keep", "--dataset", "synthetic", "--store", str(store))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(store) in lines[0] and "not an SQLite database" in lines[0]
+    assert hashlib.sha256(store.read_bytes()).hexdigest() == digest

@@ -23,6 +23,8 @@ from nos_sym.evaluation.evaluator import (
     evaluate_optimizer,
 )
 from nos_sym.evaluation.protocol import PROTOCOLS, Protocol, epoch_order, get_protocol
+from nos_sym.presets import PRESETS
+from nos_sym.symbolic_optim import SymbolicOptimizer
 
 TINY = Protocol(
     name="tiny",
@@ -339,3 +341,21 @@ def test_baseline_table_rows(synthetic):
     assert row["optimizer"] == "adam" and row["seeds"] == [0, 1]
     assert len(row["rewards"]) == 2 and row["std"] >= 0
     assert math.isclose(row["mean"], sum(row["rewards"]) / 2)
+
+
+@pytest.mark.parametrize("name", [name for name, baseline in BASELINES.items() if baseline.dsl])
+def test_a_baselines_rule_is_its_preset_and_takes_the_same_steps(name):
+    baseline, steps = BASELINES[name], 6
+    assert baseline.dsl == PRESETS[name]
+    start = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    params = [start.clone().requires_grad_(), start.clone().requires_grad_()]
+    optimizers = [
+        baseline([params[0]], 0.01, steps),
+        SymbolicOptimizer([params[1]], baseline.dsl, lr=0.01, total_steps=steps),
+    ]
+    for step in range(steps):
+        for param, optimizer in zip(params, optimizers, strict=True):
+            optimizer.zero_grad()
+            (param - step).pow(2).sum().backward()
+            optimizer.step()
+    torch.testing.assert_close(params[0], params[1], rtol=1e-7, atol=1e-9)

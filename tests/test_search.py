@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from nos_sym import parse
+from nos_sym.controller.backends import Job
+from nos_sym.controller.rundir import TornLogWarning
 from nos_sym.controller.search import (
     GpuBackend,
     ProcessBackend,
@@ -24,6 +31,7 @@ from nos_sym.controller.search import (
     read_samples,
     status,
 )
+from nos_sym.evaluation.outcome import EvalResult
 from nos_sym.evaluation.store import RewardStore
 
 NOS_SYM = str(Path(sys.executable).with_name("nos-sym"))
@@ -57,28 +65,16 @@ class InstantBackend:
     hundreds and force duplicates."""
 
     def __init__(self):
-        self.jobs: list[dict] = []
+        self.jobs: list[Job] = []
 
     def submit(self, jobs):
-        import concurrent.futures
-
-        from nos_sym import parse
-
         done = []
         for job in jobs:
             self.jobs.append(job)
             future = concurrent.futures.Future()
-            reward = int(parse(job["dsl"]).key[:6], 16) / 0xFFFFFF
+            reward = int(parse(job.dsl).key[:6], 16) / 0xFFFFFF
             future.set_result(
-                {
-                    "status": "ok",
-                    "reward": reward,
-                    "best_lr": 0.1,
-                    "sweep": {},
-                    "seconds": 0.0,
-                    "device": "cpu",
-                    "message": "",
-                }
+                EvalResult(dsl=job.dsl, key=job.key, status="ok", reward=reward, best_lr=0.1)
             )
             done.append(future)
         return done
@@ -98,8 +94,8 @@ def test_dedup_accounting_with_forced_duplicates(tmp_path):
     for line in lines:
         rewards.setdefault(line["key"], line["reward"])
         assert rewards[line["key"]] == line["reward"]  # a duplicate gets its twin's reward
-    with RewardStore(run_dir / "store.sqlite") as store:
-        assert store.counts()["ok"] == 150
+    with contextlib.closing(sqlite3.connect(run_dir / "store.sqlite")) as db:
+        assert db.execute("SELECT COUNT(*) FROM rewards WHERE status = 'ok'").fetchone() == (150,)
     by_step = {}
     for line in lines:
         by_step.setdefault(line["step"], []).append(line)
@@ -225,19 +221,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert_accounting(killed)
 
 
-def crashing_job(job: dict) -> dict:
+def crashing_job(job: Job) -> EvalResult:
     """A worker that dies on one rule (os._exit: no exception, the process is gone)."""
-    if "exp" in job["dsl"]:
+    if "exp" in job.dsl:
         os._exit(13)
-    return {
-        "status": "ok",
-        "reward": 0.5,
-        "best_lr": 0.1,
-        "sweep": {"0.1": 0.5},
-        "seconds": 0.0,
-        "device": "cpu",
-        "message": "",
-    }
+    return EvalResult(dsl=job.dsl, key=job.key, status="ok", reward=0.5, sweep={0.1: 0.5})
 
 
 def test_a_dying_worker_marks_its_candidate_failed_and_the_run_goes_on(tmp_path):
@@ -336,3 +324,150 @@ def test_unknown_names_are_refused_before_anything_is_written(tmp_path, field, v
     with pytest.raises(SearchError, match=f"--{field} must be one of"):
         SearchRun(tmp_path / "run", config(**{field: value}))
     assert not (tmp_path / "run").exists()
+
+
+# --- damaged run directories ---------------------------------------------------------------------
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _one_line_error(done: subprocess.CompletedProcess, *needles: str) -> None:
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A run of 2 steps, paid for instantly."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    SearchRun(run_dir, config(algo="random", budget=8, batch=4)).run(backend=InstantBackend())
+    return run_dir
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for path in run_dir.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    return copy
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", os.urandom(64)])
+def test_a_damaged_checkpoint_is_one_line_and_left_as_it_is(finished_run, tmp_path, content):
+    run_dir = _copy(finished_run, tmp_path)
+    checkpoint = run_dir / "checkpoint.pt"
+    checkpoint.write_bytes(content)
+    before = {path.name: _digest(path) for path in run_dir.iterdir()}
+    for command in (
+        ["status", str(run_dir)],
+        ["report", str(run_dir), "-o", str(tmp_path / "r.png")],
+        ["search", "--run-dir", str(run_dir), "--backend", "inline"],
+    ):
+        done = subprocess.run([NOS_SYM, *command], capture_output=True, text=True, timeout=300)
+        _one_line_error(done, str(checkpoint), "cannot be read", "move it away")
+    top = subprocess.run([NOS_SYM, "top", str(run_dir)], capture_output=True, text=True)
+    assert top.returncode == 0 and top.stdout  # the leaderboard needs no checkpoint
+    assert {path.name: _digest(path) for path in run_dir.iterdir()} == before
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_a_torn_last_line_is_ignored_and_a_resume_goes_on_after_it(finished_run, tmp_path):
+    run_dir = _copy(finished_run, tmp_path)
+    log = run_dir / "samples.jsonl"
+    complete = log.read_bytes()
+    expected = status(finished_run)
+    torn = complete + b'{"step": 3, "index": 0, "dsl": "g g'  # an append cut short
+    log.write_bytes(torn)
+    with pytest.warns(TornLogWarning, match="unterminated last line"):
+        assert status(run_dir) == expected
+    done = subprocess.run([NOS_SYM, "status", str(run_dir), "--format", "json"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0 and json.loads(done.stdout) == expected
+    assert done.stderr.count("unterminated last line") == 1
+    assert log.read_bytes() == torn  # readers leave it as it is
+
+    with pytest.warns(TornLogWarning):
+        run = SearchRun(run_dir, config(algo="random", budget=12, batch=4))
+    assert log.read_bytes() == complete  # the resume drops the torn tail before appending
+    run.run(backend=InstantBackend())
+    before, after = read_samples(finished_run), read_samples(run_dir)
+    assert len(after) > len(before) and after[: len(before)] == before
+    assert all(line["step"] > before[-1]["step"] for line in after[len(before) :])
+    assert log.read_bytes().startswith(complete)
+    assert_accounting(run_dir)
+
+
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_damage_elsewhere_in_the_log_stays_an_error(finished_run, tmp_path, where):
+    run_dir = _copy(finished_run, tmp_path)
+    log = run_dir / "samples.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    lines[2 if where == "middle" else -1] = b"{not json\n"
+    log.write_bytes(b"".join(lines))
+    with pytest.raises(SearchError, match="not a JSON line"):
+        status(run_dir)
+    done = subprocess.run([NOS_SYM, "status", str(run_dir)], capture_output=True, text=True)
+    _one_line_error(done, "samples.jsonl:")
+
+
+def test_a_store_that_is_not_sqlite_stops_a_search_before_it_writes(tmp_path):
+    store = tmp_path / "store.sqlite"
+    store.write_bytes(os.urandom(2048))
+    digest = _digest(store)
+    done = subprocess.run(
+        _search(tmp_path / "run", "--store", str(store)), capture_output=True, text=True
+    )
+    _one_line_error(done, str(store), "not an SQLite database")
+    assert _digest(store) == digest
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+# --- waiting for another run, the GPU backend's plumbing ----------------------------------------
+
+
+def test_a_key_another_run_holds_is_waited_for(tmp_path):
+    run = SearchRun(tmp_path / "run", config())
+    held, dropped = parse("g g id id keep"), parse("m v id sqrt div")
+    other = RewardStore(run.store.path)
+    claims = {
+        rule.key: other.claim(*run._identity(rule.key), dsl=rule.dsl, owner="other", **lease)
+        for rule, lease in ((held, {}), (dropped, {"lease_seconds": 0.05}))
+    }
+    finished = run._wait(held)
+    done = EvalResult(dsl=held.dsl, key=held.key, status="ok", reward=0.25)
+    other.complete(claims[held.key], done)
+    assert finished.result(timeout=60).reward == 0.25
+    stopped = run._wait(dropped).result(timeout=60)  # its lease expires: the other run stopped
+    assert stopped.status == "failed" and "without a result" in stopped.message
+    assert other.claim(*run._identity(dropped.key), dsl=dropped.dsl, owner="next") is not None
+    other.close()
+    run.store.close()
+
+
+def test_gpu_backend_plumbing(monkeypatch):
+    from nos_sym.evaluation import evaluator
+
+    calls = []
+
+    def batch(dsls, **options):
+        calls.append(options)
+        if "boom" in dsls:
+            raise RuntimeError("boom")
+        return [EvalResult(dsl=dsl, key=dsl, status="ok", reward=0.5) for dsl in dsls]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(evaluator, "evaluate_batch", batch)
+    backend = GpuBackend()
+    jobs = [Job(dsl=dsl, key=dsl, dataset="synthetic", protocol="quick", seed=3) for dsl in "ab"]
+    assert [future.result().reward for future in backend.submit(jobs)] == [0.5, 0.5]
+    assert calls == [{"dataset": "synthetic", "protocol": "quick", "seed": 3, "device": "cuda"}]
+    failed = backend.submit([*jobs, Job("boom", "boom", "synthetic", "quick", 3)])
+    assert [future.result().status for future in failed] == ["failed"] * 3
+    assert failed[0].result().message == "RuntimeError: boom"
+    assert backend.submit([]) == []
+    backend.close()

@@ -1,19 +1,24 @@
-"""The reward store: round trips, validation, claim/lease semantics, schema versioning, and eight
-processes claiming overlapping keys at once."""
+"""The reward store: round trips, validation, claim/lease semantics, waiting, schema versioning,
+damaged files, and eight processes claiming overlapping keys at once."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import multiprocessing
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from nos_sym.evaluation.outcome import EvalResult
 from nos_sym.evaluation.store import (
+    STATUSES,
     Claim,
     ClaimLostError,
     Record,
@@ -26,6 +31,17 @@ RULE = ("key-adam", "protocol-1", "fashion-mnist", 0)
 DSL = "m v id sqrt div"
 
 
+def result(status: str = "ok", reward: float = 0.5, **fields) -> EvalResult:
+    return EvalResult(**{"dsl": DSL, "key": RULE[0], "status": status, "reward": reward, **fields})
+
+
+def counts(path: Path | str) -> dict[str, int]:
+    """Rows per status, running included (read with sqlite3 directly)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT status, COUNT(*) FROM rewards GROUP BY status").fetchall()
+    return {status: 0 for status in STATUSES} | dict(rows)
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[RewardStore]:
     with RewardStore(tmp_path / "rewards.sqlite") as opened:
@@ -36,59 +52,71 @@ def test_claim_complete_get_round_trip(store: RewardStore) -> None:
     claim = store.claim(*RULE, dsl=DSL, owner="worker-a")
     assert isinstance(claim, Claim) and claim.owner == "worker-a"
     assert store.get(*RULE) is None  # running rows are not results
-    assert store.counts()["running"] == 1
+    assert counts(store.path)["running"] == 1
 
-    sweep = {"1e-05": 0.1, "0.001": 0.87, "10": None}
-    record = store.complete(
-        claim,
-        status="ok",
-        reward=0.87,
-        best_lr=1e-3,
-        sweep=sweep,
-        seconds=12.5,
-        device="cpu",
-        extra={"epochs": 5, "note": "ünïcode"},
+    sweep = {1e-05: 0.1, 0.001: 0.87, 10.0: 0.0, 0.1234567891: 0.5}
+    written = result(
+        reward=0.87, best_lr=1e-3, sweep=sweep, seconds=12.5, protocol_hash=RULE[1], seed=RULE[3]
     )
+    record = store.complete(claim, written, extra={"epochs": 5, "note": "ünïcode"})
     assert record == store.get(*RULE)
     assert (record.key, record.protocol, record.dataset, record.seed) == RULE
-    assert (record.dsl, record.status, record.reward, record.best_lr) == (DSL, "ok", 0.87, 1e-3)
-    assert record.sweep == sweep and list(record.sweep) == list(sweep)
-    assert (record.seconds, record.device, record.message) == (12.5, "cpu", None)
+    assert record.result == written  # the same outcome, sweep keys and order included
+    assert list(record.result.sweep) == list(sweep)
     assert record.extra == {"epochs": 5, "note": "ünïcode"}
     assert record.created <= record.updated
-    assert store.counts() == {"running": 0, "ok": 1, "diverged": 0, "degenerate": 0, "failed": 0}
-
-
-def test_records_leaderboard_and_filters(store: RewardStore) -> None:
-    for index, reward in enumerate([0.5, 0.9, 0.7]):
-        store.put(
-            f"k{index}", "p", "fashion-mnist", 0, dsl="g g id id keep", status="ok", reward=reward
-        )
-    store.put("k9", "p", "fashion-mnist", 0, dsl="g g id id keep", status="diverged", reward=0.0)
-    store.put("k0", "p", "fashion-mnist", 1, dsl="g g id id keep", status="ok", reward=0.99)
-    store.put("k0", "other", "cifar10", 0, dsl="g g id id keep", status="failed", reward=0.0)
-
-    board = store.leaderboard(2, protocol="p", dataset="fashion-mnist", seed=0)
-    assert [(r.key, r.reward) for r in board] == [("k1", 0.9), ("k2", 0.7)]
-    assert [r.key for r in store.leaderboard(10, protocol="p")] == ["k0", "k1", "k2", "k0"]
-    assert len(list(store.records())) == 6
-    assert {r.seed for r in store.records(seed=1)} == {1}
-    assert [r.status for r in store.records(protocol="other")] == ["failed"]
-    assert len(list(store.records(protocol="p", dataset="fashion-mnist", seed=0))) == 4
-    assert store.counts(protocol="p") == {
-        "running": 0, "ok": 4, "diverged": 1, "degenerate": 0, "failed": 0,
+    assert counts(store.path) == {
+        "running": 0, "ok": 1, "diverged": 0, "degenerate": 0, "failed": 0,
     }  # fmt: skip
+
+
+def test_the_row_keeps_its_identity_and_json_round_trips(store: RewardStore) -> None:
+    claim = store.claim(*RULE, dsl=DSL, owner="worker-a")
+    record = store.complete(claim, result(key="", protocol_hash="", sweep={0.1: 0.5}))
+    assert (record.result.key, record.result.protocol_hash, record.result.dsl) == (
+        RULE[0], RULE[1], DSL,
+    )  # fmt: skip
+    text = record.result.to_json()
+    assert text["sweep"] == {"0.1": 0.5}
+    assert EvalResult.from_json(text) == record.result
+
+
+def test_a_store_written_before_the_outcome_type_still_reads(tmp_path: Path) -> None:
+    """Rows as the old keyword API wrote them: sweep keys by ``f"{lr:g}"``, NULL columns."""
+    path = tmp_path / "old.sqlite"
+    RewardStore(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "INSERT INTO rewards (key, protocol, dataset, seed, dsl, status, reward, best_lr, "
+            "sweep, seconds, device, message, extra, created, updated) VALUES "
+            "('k', 'p', 'd', 0, ?, 'ok', 0.75, 0.01, '{\"1e-05\": 0.1, \"10\": 0.2}', 1.5, "
+            "'cpu', '', NULL, 1.0, 2.0), "
+            "('g', 'p', 'd', 0, 'one one id id add', 'degenerate', 0.0, NULL, NULL, NULL, NULL, "
+            "'Δ ≡ 0', NULL, 1.0, 1.0)",
+            (DSL,),
+        )
+    with RewardStore(path) as store:
+        ok = store.get("k", "p", "d", 0).result
+        assert (ok.status, ok.reward, ok.best_lr, ok.sweep) == (
+            "ok",
+            0.75,
+            0.01,
+            {1e-05: 0.1, 10.0: 0.2},
+        )
+        degenerate = store.get("g", "p", "d", 0).result
+        assert (degenerate.status, degenerate.sweep, degenerate.seconds) == ("degenerate", {}, 0.0)
+        assert (degenerate.device, degenerate.message) == ("", "Δ ≡ 0")
 
 
 def test_put_keeps_the_first_result_and_supersedes_a_running_claim(store: RewardStore) -> None:
     claim = store.claim(*RULE, dsl=DSL, owner="worker-a")
     assert isinstance(claim, Claim)
-    first = store.put(*RULE, dsl=DSL, status="degenerate", reward=0.0, message="Δ ≡ 0")
-    assert first.status == "degenerate" and first.message == "Δ ≡ 0"
-    again = store.put(*RULE, dsl=DSL, status="ok", reward=0.5)
+    first = store.put(*RULE, result("degenerate", 0.0, message="Δ ≡ 0"))
+    assert first.result.status == "degenerate" and first.result.message == "Δ ≡ 0"
+    again = store.put(*RULE, result("ok", 0.5))
     assert again == first == store.get(*RULE)
     with pytest.raises(ClaimLostError, match="not held by 'worker-a'"):
-        store.complete(claim, status="ok", reward=0.9)
+        store.complete(claim, result("ok", 0.9))
     assert store.get(*RULE) == first
 
 
@@ -102,24 +130,19 @@ def test_put_keeps_the_first_result_and_supersedes_a_running_claim(store: Reward
         ("diverged", 0.3, "reward 0"),
     ],
 )
-def test_invalid_results_are_rejected(
-    store: RewardStore, status: str, reward: float, match: str
-) -> None:
-    claim = store.claim(*RULE, dsl=DSL, owner="worker-a")
+def test_invalid_results_are_rejected(status: str, reward: float, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        store.complete(claim, status=status, reward=reward)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=match):
-        store.put("other", "p", "d", 0, dsl=DSL, status=status, reward=reward)  # type: ignore[arg-type]
-    assert store.get(*RULE) is None and store.counts()["running"] == 1
+        result(status, reward)
 
 
 def test_nan_in_sweep_or_extra_is_rejected(store: RewardStore) -> None:
     claim = store.claim(*RULE, dsl=DSL, owner="worker-a")
     with pytest.raises(ValueError):
-        store.complete(claim, status="ok", reward=0.5, sweep={"0.1": math.nan})
+        store.complete(claim, result(sweep={0.1: math.nan}))
     with pytest.raises(ValueError):
-        store.complete(claim, status="ok", reward=0.5, extra={"loss": math.inf})
-    assert store.complete(claim, status="ok", reward=0.5).reward == 0.5
+        store.complete(claim, result(), extra={"loss": math.inf})
+    assert store.get(*RULE) is None and counts(store.path)["running"] == 1
+    assert store.complete(claim, result()).result.reward == 0.5
 
 
 def test_claim_semantics_held_finished_and_reentrant(store: RewardStore) -> None:
@@ -127,10 +150,10 @@ def test_claim_semantics_held_finished_and_reentrant(store: RewardStore) -> None
     assert isinstance(claim, Claim)
     assert store.claim(*RULE, dsl=DSL, owner="worker-b") is None  # held by a live lease
     assert isinstance(store.claim(*RULE, dsl=DSL, owner="worker-a"), Claim)  # re-entrant
-    record = store.complete(claim, status="ok", reward=0.8)
+    record = store.complete(claim, result("ok", 0.8))
     assert store.claim(*RULE, dsl=DSL, owner="worker-b") == record  # answered from the store
     with pytest.raises(ClaimLostError):
-        store.complete(claim, status="ok", reward=0.1)
+        store.complete(claim, result("ok", 0.1))
     assert store.get(*RULE) == record
 
 
@@ -145,14 +168,14 @@ def test_expired_lease_is_taken_over_and_the_old_owner_loses_it(store: RewardSto
         with pytest.raises(ClaimLostError, match="'crashed'"):
             action(stale)
     with pytest.raises(ClaimLostError):
-        store.complete(stale, status="ok", reward=0.1)
-    assert store.complete(fresh, status="ok", reward=0.6).reward == 0.6
+        store.complete(stale, result("ok", 0.1))
+    assert store.complete(fresh, result("ok", 0.6)).result.reward == 0.6
 
 
 def test_expired_but_untaken_lease_can_still_complete(store: RewardStore) -> None:
     claim = store.claim(*RULE, dsl=DSL, owner="slow", lease_seconds=0.01)
     time.sleep(0.05)
-    assert store.complete(claim, status="failed", reward=0.0, message="boom").message == "boom"
+    assert store.complete(claim, result("failed", 0.0, message="boom")).result.message == "boom"
 
 
 def test_renew_extends_and_release_frees(store: RewardStore) -> None:
@@ -162,7 +185,7 @@ def test_renew_extends_and_release_frees(store: RewardStore) -> None:
     time.sleep(0.1)
     assert store.claim(*RULE, dsl=DSL, owner="worker-b") is None  # renewed lease still live
     store.release(renewed)
-    assert store.counts()["running"] == 0
+    assert counts(store.path)["running"] == 0
     assert isinstance(store.claim(*RULE, dsl=DSL, owner="worker-b"), Claim)
     with pytest.raises(ValueError, match="positive"):
         store.claim("k", "p", "d", 0, dsl=DSL, owner="x", lease_seconds=0)
@@ -171,7 +194,7 @@ def test_renew_extends_and_release_frees(store: RewardStore) -> None:
 def test_results_survive_reopening(tmp_path: Path) -> None:
     path = tmp_path / "rewards.sqlite"
     with RewardStore(path) as store:
-        written = store.put(*RULE, dsl=DSL, status="ok", reward=0.75, sweep={"0.01": 0.75})
+        written = store.put(*RULE, result("ok", 0.75, sweep={0.01: 0.75}))
     with RewardStore(path) as store:
         assert store.get(*RULE) == written
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -190,6 +213,68 @@ def test_newer_schema_or_foreign_database_is_a_clear_error(tmp_path: Path) -> No
         db.execute("CREATE TABLE t (x)")
     with pytest.raises(StoreError, match="not a nos_sym reward store"):
         RewardStore(foreign)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        bytes(random.Random(0).randrange(256) for _ in range(4096)),
+        b"rule,reward\ng g id id keep,0.5\n",
+        b"SQLite",  # shorter than the header
+    ],
+    ids=["random-bytes", "text", "short"],
+)
+def test_a_file_that_is_not_sqlite_is_refused_untouched(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "rewards.sqlite"
+    path.write_bytes(content)
+    with pytest.raises(StoreError, match="is not an SQLite database"):
+        RewardStore(path)
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rewards.sqlite"]  # no -wal, no -shm
+
+
+def test_a_foreign_sqlite_database_is_refused_untouched(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.sqlite"
+    with contextlib.closing(sqlite3.connect(foreign)) as db, db:
+        db.execute("CREATE TABLE t (x)")
+        db.execute("PRAGMA application_id = 7")
+    before = foreign.read_bytes()
+    with pytest.raises(StoreError, match="not a nos_sym reward store"):
+        RewardStore(foreign)
+    assert foreign.read_bytes() == before  # not switched to WAL
+
+
+def test_an_empty_file_becomes_a_store(tmp_path: Path) -> None:
+    path = tmp_path / "rewards.sqlite"
+    path.touch()
+    with RewardStore(path) as store:
+        assert store.put(*RULE, result()).result.reward == 0.5
+
+
+def test_wait_returns_the_other_workers_result(store: RewardStore) -> None:
+    claim = store.claim(*RULE, dsl=DSL, owner="worker-a")
+
+    def finish() -> None:
+        with RewardStore(store.path) as other:
+            time.sleep(0.05)
+            other.complete(claim, result("ok", 0.7))
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    answer = store.wait(*RULE, dsl=DSL, owner="worker-b", every=0.01)
+    thread.join()
+    assert isinstance(answer, Record) and answer.result.reward == 0.7
+
+
+def test_wait_takes_over_a_lease_that_expires(store: RewardStore) -> None:
+    store.claim(*RULE, dsl=DSL, owner="crashed", lease_seconds=0.05)
+    answer = store.wait(*RULE, dsl=DSL, owner="worker-b", every=0.01)
+    assert isinstance(answer, Claim) and answer.owner == "worker-b"
+
+
+def test_eval_result_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result().reward = 1.0  # type: ignore[misc]
 
 
 def test_new_owner_is_unique() -> None:
@@ -215,18 +300,18 @@ def _claim_everything(path: str, worker: int) -> tuple[str, list[str]]:
             for index in order:
                 key = f"rule-{index}"
                 if index % DEGENERATE_EVERY == 0:
-                    store.put(key, "p", "d", 0, dsl=DSL, status="degenerate", reward=0.0)
+                    degenerate = EvalResult(dsl=DSL, key=key, status="degenerate", reward=0.0)
+                    store.put(key, "p", "d", 0, degenerate)
                     continue
                 outcome = store.claim(key, "p", "d", 0, dsl=DSL, owner=owner)
                 if isinstance(outcome, Claim):
                     won.append(key)
                     time.sleep(0.002)  # "evaluate", holding the lease
-                    store.complete(
-                        outcome, status="ok", reward=index / N_KEYS, extra={"owner": owner}
-                    )
+                    done = EvalResult(dsl=DSL, key=key, status="ok", reward=index / N_KEYS)
+                    store.complete(outcome, done, extra={"owner": owner})
                 elif outcome is None:
                     pending.append(index)
-                store.leaderboard(3, protocol="p")  # readers beside the writers
+                store.get(f"rule-{order[0]}", "p", "d", 0)  # readers beside the writers
             order = pending
     return owner, won
 
@@ -247,12 +332,13 @@ def test_eight_processes_claim_overlapping_keys_without_loss_or_duplicates(
     assert set(evaluated) == expected
     assert sum(1 for _, won in results if won) > 1, "one worker did everything"
 
+    assert counts(path)["running"] == 0
     with RewardStore(path) as store:
-        records: dict[str, Record] = {r.key: r for r in store.records(protocol="p")}
-        assert len(records) == N_KEYS
-        assert store.counts()["running"] == 0
+        records: dict[str, Record] = {
+            f"rule-{i}": store.get(f"rule-{i}", "p", "d", 0) for i in range(N_KEYS)
+        }
         for index in range(N_KEYS):
-            record = records[f"rule-{index}"]
+            record = records[f"rule-{index}"].result
             if index % DEGENERATE_EVERY == 0:
                 assert record.status == "degenerate" and record.reward == 0.0
             else:

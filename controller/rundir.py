@@ -1,0 +1,301 @@
+"""A search run's directory on disk: its frozen config, its sample log, its checkpoint, and the
+readers of a run (:func:`leaderboard`, :func:`status`, :func:`steps`).
+
+A run directory holds:
+
+* ``config.json``: the :class:`SearchConfig` and the run id (frozen: a resume with another
+  config is an error, see :data:`FROZEN`);
+* ``samples.jsonl``: one JSON line per sample, appended and fsynced after every controller
+  update (``step``, ``index``, ``dsl``, ``key``, ``outcome``, ``status``, ``reward`` and, with
+  ``--dedup numeric``, ``fingerprint``);
+* ``checkpoint.pt``: controller, optimizer, baseline and RNG states, written atomically after
+  every update and loaded with ``torch.load(weights_only=True)``;
+* ``store.sqlite``: the reward store, unless ``--store`` shares one.
+
+Damage: an unterminated last line of ``samples.jsonl`` is an append cut short (a power loss, a
+full disk). Readers ignore it, with one :class:`TornLogWarning`; a resume rewrites the log without
+it before appending (so nothing is glued to the torn bytes). Nothing completed is lost: a step's
+lines are fsynced before its checkpoint is written, so a torn line belongs to a step that the
+resume redoes. Any other undecodable line, and a ``checkpoint.pt`` that cannot be loaded, is a
+:class:`SearchError` naming the file; readers never modify a damaged file.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nos_sym.controller.algorithms import ALGORITHMS as ALGORITHM_CLASSES
+from nos_sym.controller.backends import BACKENDS
+from nos_sym.controller.space import SPACES
+from nos_sym.dsl import parse
+from nos_sym.errors import InputWarning, SearchError
+from nos_sym.evaluation.datasets import DATASETS
+from nos_sym.evaluation.protocol import PROTOCOLS
+
+__all__ = [
+    "ALGORITHMS",
+    "DEDUP",
+    "FROZEN",
+    "OUTCOMES",
+    "Counters",
+    "RunFiles",
+    "SearchConfig",
+    "SearchError",
+    "TornLogWarning",
+    "atomic_write",
+    "leaderboard",
+    "load_checkpoint",
+    "load_config",
+    "read_log",
+    "read_samples",
+    "status",
+    "steps",
+]
+
+OUTCOMES = ("evaluated", "from_store", "degenerate")
+ALGORITHMS = tuple(ALGORITHM_CLASSES)
+DEDUP = ("key", "numeric")
+FROZEN = ("algo", "space", "groups", "dataset", "protocol", "seed", "eval_seed", "batch", "dedup")
+"""Fields a resumed run must share with the run it resumes; the others are execution details."""
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """One search run, as ``config.json`` stores it. ``seed`` seeds the controller;
+    ``eval_seed`` the child networks, and is part of a reward's identity (rule key, protocol
+    hash, dataset, eval seed), so runs with different controller seeds still share rewards
+    through a common store."""
+
+    algo: str = "trpo"
+    space: str = "paper"
+    groups: int | None = None  # None: the space preset's number of groups
+    dataset: str = "fashion-mnist"
+    protocol: str = "quick"
+    seed: int = 0
+    eval_seed: int = 0
+    batch: int = 5
+    dedup: str = "key"  # "key", or "numeric": also merge rules with equal fingerprints
+    budget: int = 20
+    max_samples: int | None = None  # default 20 × budget
+    backend: str = "process"
+    workers: int = 2
+    store: str | None = None
+    ray_address: str | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.algo in ALGORITHMS, f"--algo must be one of {', '.join(ALGORITHMS)}"),
+            (self.space in SPACES, f"--space must be one of {', '.join(SPACES)}"),
+            (self.protocol in PROTOCOLS, f"--protocol must be one of {', '.join(PROTOCOLS)}"),
+            (self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}"),
+            (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
+            (self.dedup in DEDUP, f"--dedup must be {' or '.join(map(repr, DEDUP))}"),
+            (self.groups is None or 1 <= self.groups <= 3, "--groups must be 1, 2 or 3"),
+            (self.batch >= 1, "--batch must be at least 1"),
+            (self.budget >= 0, "--budget must be at least 0"),
+            (self.workers >= 1, "--workers must be at least 1"),
+            (self.max_samples is None or self.max_samples >= 1, "--max-samples must be ≥ 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SearchError(message)
+
+    @property
+    def sample_limit(self) -> int:
+        return self.max_samples if self.max_samples is not None else 20 * max(self.budget, 1)
+
+
+@dataclass
+class Counters:
+    """What a run's samples were: each is one of evaluated / from_store / degenerate; diverged
+    and failed count the evaluated ones that ended so."""
+
+    samples: int = 0
+    evaluated: int = 0
+    from_store: int = 0
+    degenerate: int = 0
+    diverged: int = 0
+    failed: int = 0
+    best_reward: float = 0.0
+    controller_steps: int = 0
+
+    @classmethod
+    def of(cls, lines: list[dict[str, Any]], steps: int) -> Counters:
+        counters = cls(controller_steps=steps)
+        for line in lines:
+            counters.add(line)
+        return counters
+
+    def add(self, line: dict[str, Any]) -> None:
+        self.samples += 1
+        setattr(self, line["outcome"], getattr(self, line["outcome"]) + 1)
+        if line["outcome"] == "evaluated" and line["status"] in ("diverged", "failed"):
+            setattr(self, line["status"], getattr(self, line["status"]) + 1)
+        self.best_reward = max(self.best_reward, line["reward"])
+
+
+class TornLogWarning(InputWarning):
+    """The sample log ends with an unterminated line (an append cut short), which is ignored."""
+
+
+# --------------------------------------------------------------------------------------------
+# The files
+# --------------------------------------------------------------------------------------------
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary)``, fsync, then rename over ``path``: readers see the old file or the
+    new one, never a part."""
+    temporary = path.with_name(path.name + ".tmp")
+    write(temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+@dataclass
+class RunFiles:
+    """Paths of a run directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    def store(self, config: SearchConfig) -> Path:
+        return Path(config.store) if config.store else self.root / "store.sqlite"
+
+
+def read_log(run_dir: str | Path) -> tuple[list[dict[str, Any]], bool]:
+    """The sample log's lines (a missing or empty log has none) and whether an unterminated last
+    line was ignored (then a :class:`TornLogWarning` is issued)."""
+    path = RunFiles(Path(run_dir)).samples
+    if not path.exists():
+        return [], False
+    *complete, tail = path.read_bytes().split(b"\n")  # tail: after the last newline
+    lines = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            lines.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SearchError(f"{path}:{number}: not a JSON line (a damaged log?)") from None
+    torn = bool(tail.strip())
+    if torn:
+        warnings.warn(
+            f"{path}:{len(complete) + 1}: ignoring an unterminated last line (an append cut "
+            "short); a resume redoes its step",
+            TornLogWarning,
+            stacklevel=1,  # one location: shown once per log and process
+        )
+    return lines, torn
+
+
+def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The sample log of a run (a missing or empty log is an empty list; a torn last line is
+    ignored, see :func:`read_log`)."""
+    return read_log(run_dir)[0]
+
+
+def load_config(run_dir: str | Path) -> tuple[SearchConfig, str]:
+    """(config, run id) of an existing run directory."""
+    path = RunFiles(Path(run_dir)).config
+    if not path.exists():
+        raise SearchError(f"{run_dir} is not a search run directory (no config.json)")
+    try:
+        saved = json.loads(path.read_text())
+        run_id = saved.pop("run_id")
+        return SearchConfig(**saved), run_id
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise SearchError(f"{path} is damaged: {error}") from None
+
+
+def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's last checkpoint (None before the first update). A file that cannot be loaded is
+    a :class:`SearchError` saying what to do; the file is left as it is."""
+    path = RunFiles(Path(run_dir)).checkpoint
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception:  # torch raises EOFError, UnpicklingError, RuntimeError, ... on damage
+        state = None
+    if not (isinstance(state, dict) and {"step", "algorithm"} <= state.keys()):
+        what = "it is empty" if path.stat().st_size == 0 else "it is damaged"
+        raise SearchError(
+            f"{path} cannot be read as a search checkpoint ({what}); move it away to restart "
+            "the run from step 0 (rewards already paid stay in the store), or use another "
+            "--run-dir"
+        )
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a run
+# --------------------------------------------------------------------------------------------
+def leaderboard(run_dir: str | Path, n: int = 10) -> list[dict[str, Any]]:
+    """The run's distinct rules by reward: ``{"dsl", "key", "reward", "status", "latex"}``."""
+    best: dict[str, dict[str, Any]] = {}
+    for line in read_samples(run_dir):
+        if line["outcome"] != "degenerate" and line["key"] not in best:
+            best[line["key"]] = line
+    ranked = sorted(best.values(), key=lambda line: (-line["reward"], line["dsl"]))[:n]
+    return [
+        {
+            "dsl": line["dsl"],
+            "key": line["key"],
+            "reward": line["reward"],
+            "status": line["status"],
+            "latex": parse(line["dsl"]).latex(),
+        }
+        for line in ranked
+    ]
+
+
+def status(run_dir: str | Path) -> dict[str, Any]:
+    """Counts of a run: samples, unique keys, evaluated, from_store, degenerate, diverged,
+    failed, best reward, controller steps."""
+    load_config(run_dir)
+    lines = read_samples(run_dir)
+    checkpoint = load_checkpoint(run_dir)
+    counters = Counters.of(lines, int(checkpoint["step"]) if checkpoint else 0)
+    summary = dataclasses.asdict(counters)
+    summary["unique"] = len({line["key"] for line in lines})
+    order = [
+        "samples",
+        "unique",
+        "evaluated",
+        "from_store",
+        "degenerate",
+        "diverged",
+        "failed",
+        "best_reward",
+        "controller_steps",
+    ]
+    return {name: summary[name] for name in order}
+
+
+def steps(run_dir: str | Path) -> Iterator[tuple[int, list[float]]]:
+    """(controller step, rewards of its samples) in order."""
+    by_step: dict[int, list[float]] = collections.defaultdict(list)
+    for line in read_samples(run_dir):
+        by_step[line["step"]].append(line["reward"])
+    yield from sorted(by_step.items())

@@ -42,6 +42,8 @@ _SEARCH_OPTIONS = {
     "--workers": ("workers", int, "concurrent evaluations"),
     "--store": ("store", str, "a reward store shared between runs (default: in the run dir)"),
     "--ray-address": ("ray_address", str, "Ray cluster address (default: a local Ray)"),
+    "--population": ("population", int, "--algo evolution: population size (default 50)"),
+    "--tournament": ("tournament", int, "--algo evolution: tournament size (default 10)"),
 }
 
 

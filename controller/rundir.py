@@ -65,7 +65,19 @@ __all__ = [
 OUTCOMES = ("evaluated", "from_store", "degenerate")
 ALGORITHMS = tuple(ALGORITHM_CLASSES)
 DEDUP = ("key", "numeric")
-FROZEN = ("algo", "space", "groups", "dataset", "protocol", "seed", "eval_seed", "batch", "dedup")
+FROZEN = (
+    "algo",
+    "space",
+    "groups",
+    "dataset",
+    "protocol",
+    "seed",
+    "eval_seed",
+    "batch",
+    "dedup",
+    "population",
+    "tournament",
+)
 """Fields a resumed run must share with the run it resumes; the others are execution details."""
 
 
@@ -91,6 +103,8 @@ class SearchConfig:
     workers: int = 2
     store: str | None = None
     ray_address: str | None = None
+    population: int = 50  # --algo evolution: population size P
+    tournament: int = 10  # --algo evolution: tournament size S
 
     def __post_init__(self):
         checks = [
@@ -105,10 +119,19 @@ class SearchConfig:
             (self.budget >= 0, "--budget must be at least 0"),
             (self.workers >= 1, "--workers must be at least 1"),
             (self.max_samples is None or self.max_samples >= 1, "--max-samples must be ≥ 1"),
+            (self.population >= 2, "--population must be at least 2"),
+            (1 <= self.tournament <= self.population, "--tournament must be in 1..population"),
         ]
         for ok, message in checks:
             if not ok:
                 raise SearchError(message)
+
+    @property
+    def hyperparameters(self) -> dict[str, int]:
+        """The algorithm's own options (``make_algorithm``'s keyword arguments)."""
+        if self.algo == "evolution":
+            return {"population": self.population, "tournament": self.tournament}
+        return {}
 
     @property
     def sample_limit(self) -> int:

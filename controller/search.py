@@ -57,6 +57,7 @@ from nos_sym.controller.backends import (
     failed,
     make_backend,
 )
+from nos_sym.controller.evolution import RegularizedEvolution
 from nos_sym.controller.policy import Samples
 from nos_sym.controller.rundir import (
     ALGORITHMS,
@@ -138,7 +139,9 @@ class SearchRun:
         groups = {} if self.config.groups is None else {"groups": self.config.groups}
         space = get_space(self.config.space, **groups)
         self.protocol = get_protocol(self.config.protocol)
-        self.algorithm: Algorithm = make_algorithm(self.config.algo, space, self.config.seed)
+        self.algorithm: Algorithm = make_algorithm(
+            self.config.algo, space, self.config.seed, **self.config.hyperparameters
+        )
         checkpoint = load_checkpoint(self.files.root)
         self.step = 0
         if checkpoint is not None:
@@ -158,6 +161,12 @@ class SearchRun:
             if line.get("fingerprint")
         }
         self.seen_keys = {line["key"] for line in self.lines}  # keys already counted once
+        if isinstance(self.algorithm, RegularizedEvolution):
+            # a child this run has already met is mutated again: its reward would come from the
+            # store. Judged on the run's own log (restored exactly on resume), not on the store,
+            # which may hold rewards a crashed step paid for, so a resumed run samples as the
+            # uninterrupted one did.
+            self.algorithm.known = lambda dsl: as_rule(dsl).key in self.seen_keys
         self._in_flight_keys: dict[str, futures.Future[EvalResult]] = {}
 
     # ---- set-up --------------------------------------------------------------------------

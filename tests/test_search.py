@@ -106,6 +106,17 @@ def test_dedup_accounting_with_forced_duplicates(tmp_path):
     assert repeated
 
 
+def test_evolution_run_avoids_what_it_has_met(tmp_path):
+    run_dir = tmp_path / "run"
+    run = SearchRun(run_dir, config(algo="evolution", population=8, tournament=3, budget=60))
+    counters = run.run(backend=InstantBackend())
+    summary = assert_accounting(run_dir)
+    assert counters.evaluated == summary["evaluated"] == 60
+    assert run.algorithm.known is not None and len(run.algorithm.members) == 8
+    # children are re-mutated while this run has met them, so few samples repeat a key
+    assert summary["from_store"] < summary["evaluated"] // 2, summary
+
+
 def test_budget_counts_evaluations_and_max_samples_stops(tmp_path):
     run = SearchRun(tmp_path / "a", config(budget=4, batch=3))
     assert run.run().evaluated == 4
@@ -192,12 +203,17 @@ def _parameters(run_dir: Path) -> dict[str, torch.Tensor]:
     return dict(flatten(load_checkpoint(run_dir)["algorithm"]))
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize(
+    "algo",
+    [[], ["--algo", "evolution", "--population", "4", "--tournament", "2"]],
+    ids=["trpo", "evolution"],
+)
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, algo):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(_search(reference), check=True, capture_output=True, timeout=600)
+    subprocess.run(_search(reference, *algo), check=True, capture_output=True, timeout=600)
 
     process = subprocess.Popen(
-        _search(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _search(killed, *algo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
@@ -209,7 +225,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     time.sleep(0.4)  # somewhere inside the next step
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    resumed = subprocess.run(_search(killed), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_search(killed, *algo), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
 
     expected, actual = _parameters(reference), _parameters(killed)

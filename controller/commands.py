@@ -157,26 +157,30 @@ def _report_command(args: argparse.Namespace) -> None:
         print(path)
 
 
-def add_search_commands(subparsers) -> None:
-    search = subparsers.add_parser("search", help="run (or resume) a dedup-aware search")
-    search.add_argument("--run-dir", required=True, help="the run directory (resumed if it exists)")
+def add_search(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--run-dir", required=True, help="the run directory (resumed if it exists)"
+    )
     for option, (field, kind, text) in _SEARCH_OPTIONS.items():
-        search.add_argument(option, dest=field, type=kind, default=None, help=text)
-    search.set_defaults(run=_search_command)
+        command.add_argument(option, dest=field, type=kind, default=None, help=text)
+    command.set_defaults(run=_search_command)
 
-    top = subparsers.add_parser("top", help="a run's leaderboard")
-    top.add_argument("run_dir")
-    top.add_argument("-n", type=int, default=10)
-    top.add_argument("--format", choices=("text", "json", "latex", "markdown"), default="text")
-    top.set_defaults(run=_top_command)
 
-    state = subparsers.add_parser("status", help="a run's counts")
-    state.add_argument("run_dir")
-    state.add_argument("--format", choices=("text", "json"), default="text")
-    state.set_defaults(run=_status_command)
+def add_top(command: argparse.ArgumentParser) -> None:
+    command.add_argument("run_dir")
+    command.add_argument("-n", type=int, default=10)
+    command.add_argument("--format", choices=("text", "json", "latex", "markdown"), default="text")
+    command.set_defaults(run=_top_command)
 
-    report = subparsers.add_parser("report", help="reward curves and best trees of a run")
-    report.add_argument("run_dir")
-    report.add_argument("-o", "--output", help="FILE.png (a FILE.md goes beside)")
-    report.add_argument("--html", help="FILE.html: one self-contained page (works offline)")
-    report.set_defaults(run=_report_command)
+
+def add_status(command: argparse.ArgumentParser) -> None:
+    command.add_argument("run_dir")
+    command.add_argument("--format", choices=("text", "json"), default="text")
+    command.set_defaults(run=_status_command)
+
+
+def add_report(command: argparse.ArgumentParser) -> None:
+    command.add_argument("run_dir")
+    command.add_argument("-o", "--output", help="FILE.png (a FILE.md goes beside)")
+    command.add_argument("--html", help="FILE.html: one self-contained page (works offline)")
+    command.set_defaults(run=_report_command)

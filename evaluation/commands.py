@@ -122,8 +122,7 @@ def _evaluate_command(args: argparse.Namespace) -> None:
         print(f"{name:>{width}}: {value}")
 
 
-def add_evaluate(subparsers) -> None:
-    command = subparsers.add_parser("evaluate", help="train the child network with a rule")
+def add_evaluate(command: argparse.ArgumentParser) -> None:
     command.add_argument("rule", nargs="?", help="a DSL rule, quoted as one argument")
     command.add_argument("--dataset", default="fashion-mnist", help=" | ".join(datasets.DATASETS))
     command.add_argument("--protocol", default="quick", help=" | ".join(PROTOCOLS))

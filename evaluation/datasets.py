@@ -39,6 +39,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from nos_sym.errors import UserError
+
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _numpy_reconstruct
 except ImportError:  # numpy 1.x
@@ -118,7 +120,7 @@ _SYNTHETIC_NOISE_STD = 0.35
 _SYNTHETIC_MAX_SHIFT = 2
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A data set is missing, corrupt, fails its checksum, or could not be downloaded."""
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from nos_sym.errors import UserError
 from nos_sym.evaluation import outcome
 from nos_sym.evaluation.outcome import EvalResult
 
@@ -104,7 +105,7 @@ _PRIMARY_KEY = "key = ? AND protocol = ? AND dataset = ? AND seed = ?"
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The store file is not usable (not SQLite, not a reward store, unknown schema version)."""
 
 

@@ -7,13 +7,14 @@ line ``nos-sym: error: ...`` on stderr and exits with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-from nos_sym.dsl import DSLSyntaxError, Rule, parse
-from nos_sym.errors import CommandError, InputWarning  # defined there: layers raise them too
+from nos_sym.dsl import Rule, parse
+from nos_sym.errors import CommandError, InputWarning, UserError  # layers raise them too
 
 EXIT_USAGE = 2
 
@@ -74,63 +75,65 @@ def _data_command(args: argparse.Namespace) -> None:
     )
 
 
-def _add_data(subparsers) -> None:
+def _add_data(command: argparse.ArgumentParser) -> None:
     from nos_sym.evaluation.datasets import DATASETS
 
-    command = subparsers.add_parser("data", help="download (fetch) or describe (info) a dataset")
     command.add_argument("action", choices=("fetch", "info"))
     command.add_argument("name", choices=DATASETS)
     command.set_defaults(run=_data_command)
 
 
-def _add_parse(subparsers) -> None:
-    command = subparsers.add_parser("parse", help="parse a rule: canonical form, key, LaTeX")
+def _add_parse(command: argparse.ArgumentParser) -> None:
     command.add_argument("rule", help="a DSL rule, quoted as one argument")
     command.add_argument("--format", choices=("text", "latex", "json", "dsl"), default="text")
     command.set_defaults(run=_parse_command)
 
 
-def _add_tree(subparsers) -> None:
-    command = subparsers.add_parser("tree", help="draw a rule's tree as PNG or DOT")
+def _add_tree(command: argparse.ArgumentParser) -> None:
     command.add_argument("rule", help="a DSL rule, quoted as one argument")
     command.add_argument("-o", "--output", required=True, help="FILE.png or FILE.dot")
     command.add_argument("--view", choices=("expr", "dsl"), default="expr")
     command.set_defaults(run=_tree_command)
 
 
-def _add_layers(subparsers) -> None:
-    from nos_sym.controller.commands import add_search_commands
-    from nos_sym.evaluation.commands import add_evaluate
-
-    add_evaluate(subparsers)
-    add_search_commands(subparsers)
-
-
-COMMANDS: list[Callable] = [_add_parse, _add_tree, _add_data, _add_layers]
-"""Each adds sub-commands to the parser."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's input (printed as one line), not bugs."""
-    from nos_sym.controller.search import SearchError
-    from nos_sym.evaluation.datasets import DatasetError
-    from nos_sym.evaluation.store import StoreError
-
-    return DSLSyntaxError, CommandError, SearchError, DatasetError, StoreError
+COMMANDS: dict[str, tuple[str, str]] = {
+    "parse": ("nos_sym.cli:_add_parse", "parse a rule: canonical form, key, LaTeX"),
+    "tree": ("nos_sym.cli:_add_tree", "draw a rule's tree as PNG or DOT"),
+    "data": ("nos_sym.cli:_add_data", "download (fetch) or describe (info) a dataset"),
+    "evaluate": ("nos_sym.evaluation.commands:add_evaluate", "train the child network with a rule"),
+    "search": ("nos_sym.controller.commands:add_search", "run (or resume) a dedup-aware search"),
+    "top": ("nos_sym.controller.commands:add_top", "a run's leaderboard"),
+    "status": ("nos_sym.controller.commands:add_status", "a run's counts"),
+    "report": ("nos_sym.controller.commands:add_report", "reward curves and best trees of a run"),
+}
+"""Sub-command → (``module:function`` that defines its arguments, given its parser; help). A
+command's module is imported only when that command runs, so ``nos-sym parse`` starts without
+torch or the evaluator. A new command is one row here and its function in its layer's
+``commands.py``."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _define(target: str) -> Callable[[argparse.ArgumentParser], None]:
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``nos-sym`` parser. Every sub-command is listed; with ``command`` given only its
+    arguments are defined (the others' modules are not imported), with None all of them."""
     parser = argparse.ArgumentParser(
         prog="nos-sym", description="Neural Optimizer Search with a symbolic update-rule DSL."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
-        add(subparsers)
+    for name, (target, text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=text, description=text)
+        if command is None or command == name:
+            _define(target)(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else "").parse_args(argv)
     with warnings.catch_warnings():
         show = warnings.showwarning
 
@@ -144,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = show_one_line
         try:
             args.run(args)
-        except _user_errors() as error:
+        except UserError as error:
             message = " ".join(str(error).split())
             print(f"nos-sym: error: {message}", file=sys.stderr)
             return EXIT_USAGE

@@ -25,6 +25,7 @@ import lark
 import sympy as sp
 
 from nos_sym import notation, primitives
+from nos_sym.errors import UserError
 from nos_sym.groups import bank_index, is_bank_operand, minimal_groups, to_text
 from nos_sym.primitives import BY_TOKEN, Stochastic
 
@@ -35,7 +36,7 @@ MAX_LABEL_PERMUTATIONS = 720
 """Tied stochastic occurrences are ordered by trying every permutation up to this many."""
 
 
-class DSLSyntaxError(ValueError):
+class DSLSyntaxError(UserError, ValueError):
     """A rule that is not a sentence of the DSL. ``line`` and ``column`` are 1-based."""
 
     def __init__(self, message: str, *, line: int, column: int, text: str):

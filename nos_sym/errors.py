@@ -7,14 +7,19 @@ nos_sym, so any module may raise these without an import cycle.
 
 from __future__ import annotations
 
-__all__ = ["CommandError", "InputWarning", "SearchError"]
+__all__ = ["CommandError", "InputWarning", "SearchError", "UserError"]
 
 
-class CommandError(Exception):
+class UserError(Exception):
+    """Raised for what the user gave (a rule, a file, an option), never for a bug: the CLI
+    prints it as one line and exits with status 2. The layers' own errors derive from it."""
+
+
+class CommandError(UserError):
     """A user-facing error of a command's arguments: printed as one line, exit status 2."""
 
 
-class SearchError(Exception):
+class SearchError(UserError):
     """A run that cannot start or resume (bad run directory, config mismatch, no CUDA, ...)."""
 
 

@@ -51,5 +51,5 @@ def run_dir(tmp_path: Path) -> Path:
         for index, (step, dsl, outcome, status, reward) in enumerate(_RUN_SAMPLES)
     ]
     (root / "samples.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    torch.save({"step": 3}, root / "checkpoint.pt")
+    torch.save({"step": 3, "algorithm": {}}, root / "checkpoint.pt")
     return root

@@ -99,9 +99,11 @@ def _add_tree(subparsers) -> None:
 def _add_layers(subparsers) -> None:
     from nos_sym.controller.commands import add_search_commands
     from nos_sym.evaluation.commands import add_evaluate
+    from nos_sym.tasks.commands import add_rosenbrock
 
     add_evaluate(subparsers)
     add_search_commands(subparsers)
+    add_rosenbrock(subparsers)
 
 
 COMMANDS: list[Callable] = [_add_parse, _add_tree, _add_data, _add_layers]

@@ -150,6 +150,7 @@ def plot(results: dict, starts: list[tuple[float, float]], output: Path) -> None
 
     xs, ys = np.meshgrid(np.linspace(-2, 2, 300), np.linspace(-1, 3, 300))
     surface = R.loss(torch.from_numpy(np.stack((xs, ys), axis=-1))).numpy()
+    levels = np.logspace(-1, 3.5, 12)
     columns = min(len(starts), 2)
     rows = math.ceil(len(starts) / columns)
     size = (5 * columns, 4.2 * rows)
@@ -157,7 +158,7 @@ def plot(results: dict, starts: list[tuple[float, float]], output: Path) -> None
     losses, loss_axes = plt.subplots(rows, columns, figsize=size, squeeze=False)
     for index, (x, y) in enumerate(starts):
         path_ax, loss_ax = path_axes.flat[index], loss_axes.flat[index]
-        path_ax.contour(xs, ys, surface, levels=np.logspace(-1, 3.5, 12), colors="0.7", linewidths=0.6)
+        path_ax.contour(xs, ys, surface, levels=levels, colors="0.7", linewidths=0.6)
         for name, result in results.items():
             eps = "" if result.eps is None else f", ε {result.eps:g}"
             label = f"{name} (lr {result.lr:.3g}{eps})"

@@ -153,7 +153,7 @@ def plot(results: dict, starts: list[tuple[float, float]], output: Path) -> None
     levels = np.logspace(-1, 3.5, 12)
     columns = min(len(starts), 2)
     rows = math.ceil(len(starts) / columns)
-    size = (5 * columns, 4.2 * rows)
+    size = (4.6 * columns, 4 * rows)
     paths, path_axes = plt.subplots(rows, columns, figsize=size, squeeze=False)
     losses, loss_axes = plt.subplots(rows, columns, figsize=size, squeeze=False)
     for index, (x, y) in enumerate(starts):
@@ -175,7 +175,6 @@ def plot(results: dict, starts: list[tuple[float, float]], output: Path) -> None
         axes.flat[0].legend(fontsize=7)
     paths.tight_layout()
     losses.tight_layout()
-    paths.savefig(output / _PATHS, dpi=90)
-    losses.savefig(output / _LOSSES, dpi=90)
-    plt.close(paths)
-    plt.close(losses)
+    for figure, name in ((paths, _PATHS), (losses, _LOSSES)):
+        figure.savefig(output / name, dpi=72, pil_kwargs={"optimize": True})
+        plt.close(figure)

@@ -85,6 +85,17 @@ def test_batched_run_equals_single_runs_and_divergence_stays_in_its_row(rule, ep
     assert np.all(np.isfinite(batch.losses[:, :2]))  # its NaN reached no other row
 
 
+def test_random_rule_is_reproducible_by_seed():
+    runs = [R.run("powersign-drop-0.3", (1e-3,), STARTS, 20, seed=seed) for seed in (1, 1, 2)]
+    assert np.array_equal(runs[0].paths, runs[1].paths)
+    assert not np.array_equal(runs[0].paths, runs[2].paths)
+
+
+def test_run_rejects_an_empty_sweep():
+    with pytest.raises(ValueError, match="at least one lr"):
+        R.run("sgd", (), STARTS, 10)
+
+
 def test_eps_sweep_only_for_rules_that_read_eps():
     assert R.epsilons_for("adam") == R.EPSILONS == (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
     assert R.epsilons_for("rmsprop") == R.EPSILONS
@@ -136,6 +147,16 @@ def test_cli_writes_table_json_and_figures(tmp_path):
     rows = {row["name"]: row for row in summary["rules"]}
     assert rows["sgd"]["eps"] is None and rows["adam"]["eps"] in (1e-3, 1e-8)
     assert len(rows["adam"]["sweep_mean"]) == 2 and len(rows["sgd"]["sweep_mean"]) == 1
+
+
+def test_cli_all_diverged_writes_strict_json_and_figures(tmp_path):
+    out = tmp_path / "out"
+    assert main(["rosenbrock", "sgd", "-o", str(out), "--steps", "20", "--lrs", "10"]) == 0
+    text = (out / "rosenbrock.json").read_text()
+    (row,) = json.loads(text, parse_constant=pytest.fail)["rules"]  # no NaN, no Infinity
+    assert row["final_losses"] == [None] * len(R.STARTS)
+    assert row["metrics"] == [R.DIVERGED_METRIC] * len(R.STARTS)
+    assert (out / "rosenbrock_paths.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,11 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nos_sym.dsl import Rule
+    from nos_sym.tasks.rosenbrock import Best
 
 _TABLE = "rosenbrock.md"
 _JSON = "rosenbrock.json"
@@ -100,7 +105,7 @@ def _rosenbrock_command(args: argparse.Namespace) -> None:
     print(f"wrote {output / _TABLE}, {output / _JSON}, {output / _PATHS}, {output / _LOSSES}")
 
 
-def _rule_json(name: str, rule, result) -> dict:
+def _rule_json(name: str, rule: Rule, result: Best) -> dict:
     from nos_sym.tasks import rosenbrock as R
 
     return {
@@ -111,7 +116,7 @@ def _rule_json(name: str, rule, result) -> dict:
         "lr": result.lr,
         "eps": result.eps,
         "metrics": list(result.metrics),
-        "final_losses": list(result.final_losses),
+        "final_losses": [loss if math.isfinite(loss) else None for loss in result.final_losses],
         "mean": result.mean,
         "std": result.std,
         # mean metric over the starts of every (ε, lr) of the sweep: [ε][lr]
@@ -119,7 +124,7 @@ def _rule_json(name: str, rule, result) -> dict:
     }
 
 
-def markdown_table(results: dict, starts: list[tuple[float, float]]) -> str:
+def markdown_table(results: dict[str, Best], starts: list[tuple[float, float]]) -> str:
     """One row per rule: best lr, ε, the metric per start, mean ± std (sample std)."""
     heads = " | ".join(f"({x:g}, {y:g})" for x, y in starts)
     lines = [
@@ -136,9 +141,9 @@ def markdown_table(results: dict, starts: list[tuple[float, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, starts: list[tuple[float, float]], output: Path) -> None:
+def plot(results: dict[str, Best], starts: list[tuple[float, float]], output: Path) -> None:
     """Two PNGs with one panel per start: each rule's best path over the contour of log10 f,
-    and its loss curve (log scale, floored at LOSS_FLOOR)."""
+    and its loss curve (log scale, floored at LOSS_FLOOR, cut at 10 × the starting loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,12 +168,13 @@ def plot(results: dict, starts: list[tuple[float, float]], output: Path) -> None
             eps = "" if result.eps is None else f", ε {result.eps:g}"
             label = f"{name} (lr {result.lr:.3g}{eps})"
             path_ax.plot(*result.paths[index].T, lw=1.2, label=label)
-            curve = np.nan_to_num(result.losses[index], nan=np.inf)
-            loss_ax.semilogy(np.maximum(curve, R.LOSS_FLOOR), lw=1.2, label=label)
+            curve = np.maximum(result.losses[index], R.LOSS_FLOOR)  # NaN stays NaN: not drawn
+            loss_ax.semilogy(np.where(np.isfinite(curve), curve, np.nan), lw=1.2, label=label)
         path_ax.plot([x], [y], "o", color="tab:red", ms=5)
         path_ax.plot([1], [1], "o", color="black", ms=6)
         path_ax.set(xlim=(-2, 2), ylim=(-1, 3), title=f"start ({x:g}, {y:g})", xlabel="x")
-        loss_ax.set(title=f"start ({x:g}, {y:g})", xlabel="step", ylabel="loss")
+        top = 10 * max(1.0, float(R.loss(torch.tensor((x, y), dtype=torch.float64))))
+        loss_ax.set(title=f"start ({x:g}, {y:g})", xlabel="step", ylabel="loss", ylim=(None, top))
     for axes in (path_axes, loss_axes):
         for ax in axes.flat[len(starts) :]:
             ax.set_visible(False)

@@ -158,13 +158,14 @@ class Best:
         return tuple(float(loss) for loss in self.losses[:, -1])
 
 
-def _factory(optimizer: Rule | str | OptimizerFactory, steps: int) -> OptimizerFactory:
+def _factory(optimizer: Rule | str | OptimizerFactory, steps: int, seed: int) -> OptimizerFactory:
     if callable(optimizer):
         return optimizer
     from nos_sym.symbolic_optim import SymbolicOptimizer
 
     rule = resolve(optimizer)
-    return lambda groups: SymbolicOptimizer(groups, rule, total_steps=steps)
+    generator = torch.Generator().manual_seed(seed)
+    return lambda groups: SymbolicOptimizer(groups, rule, total_steps=steps, generator=generator)
 
 
 def run(
@@ -180,13 +181,14 @@ def run(
 
     ``optimizer`` is a rule (a preset name, DSL text or :class:`~nos_sym.Rule`, run by
     :class:`~nos_sym.SymbolicOptimizer` with ``total_steps=steps``) or an
-    :data:`OptimizerFactory`. ``seed`` seeds torch's global RNG (the draws of random rules).
+    :data:`OptimizerFactory`. ``seed`` seeds the generator of a rule's random draws (``drop``,
+    ``noise``); a factory brings its own.
     """
     lrs, epsilons = tuple(float(lr) for lr in lrs), tuple(epsilons)
     starts = tuple((float(x), float(y)) for x, y in starts)
     if steps < 1 or not lrs or not epsilons or not starts:
         raise ValueError("run needs steps >= 1 and at least one lr, one ε and one start")
-    make = _factory(optimizer, steps)
+    make = _factory(optimizer, steps, seed)
     n_starts, shape = len(starts), (len(epsilons), len(lrs), len(starts))
     point = torch.tensor(starts, dtype=torch.float64).repeat(len(epsilons) * len(lrs), 1)
     grads = torch.zeros_like(point)
@@ -196,7 +198,6 @@ def run(
         param = point[rows]
         param.grad = grads[rows]
         groups.append({"params": [param], "lr": lr, **({} if eps is None else {"eps": eps})})
-    torch.manual_seed(seed)
     optim = make(groups)
     paths = torch.empty((steps + 1, *point.shape), dtype=torch.float64)
     paths[0] = point

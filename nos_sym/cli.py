@@ -105,6 +105,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "top": ("nos_sym.controller.commands:add_top", "a run's leaderboard"),
     "status": ("nos_sym.controller.commands:add_status", "a run's counts"),
     "report": ("nos_sym.controller.commands:add_report", "reward curves and best trees of a run"),
+    "rosenbrock": (
+        "nos_sym.tasks.commands:add_rosenbrock",
+        "run rules on the 2-D Rosenbrock function (paper Figure 6): table, JSON, figures",
+    ),
 }
 """Sub-command → (``module:function`` that defines its arguments, given its parser; help). A
 command's module is imported only when that command runs, so ``nos-sym parse`` starts without

@@ -44,6 +44,7 @@ def test_wheel_contains_grammar_and_mapped_subpackages(wheel):
         "nos_sym/grammar/__init__.py",
         "nos_sym/controller/__init__.py",
         "nos_sym/evaluation/__init__.py",
+        "nos_sym/tasks/rosenbrock.py",
         "nos_sym/primitives.py",
     ):
         assert required in names

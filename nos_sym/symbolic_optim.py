@@ -35,7 +35,7 @@ import torch
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
 from nos_sym import primitives as P
-from nos_sym.compile import Foreach, Program, optimizer_program, run
+from nos_sym.compile import Foreach, Program, bind, optimizer_program, run
 from nos_sym.dsl import Rule
 from nos_sym.presets import resolve
 
@@ -275,6 +275,7 @@ def _update(
     if compile and not traced:
         step_fn = _compiled_step(plan)
     scalar_tensors: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor, Any]] = {}
+    bound: dict[int, Any] = {}  # the program with the scalars of step t evaluated, per t
     for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
         own = {name: values[index] for name, values in averages.items()}
         if traced and not plan.exact_steps:
@@ -298,10 +299,36 @@ def _update(
             step_scalars, step_lr, decay = scalar_tensors[where]
             step_fn(param, grad, own, step_scalars, draws, step_lr, betas, decay)
             continue
-        _update_averages(own, grad, betas, foreach=False)
-        delta = run(program, {**_leaf_values(grad, param, own), **scalars}, draws)
-        _decay(param, lr, weight_decay, foreach=False)
-        _apply(param, delta, lr, foreach=False)
+        if traced:
+            evaluate = bind(program, scalars)
+        elif step not in bound:
+            evaluate = bound[step] = bind(program, scalars)
+        else:
+            evaluate = bound[step]
+        pieces = [param, grad, *own.values(), *draws]
+        for param, grad, *rest in _chunked(pieces, not traced and not isinstance(lr, torch.Tensor)):
+            chunk = dict(zip(own, rest, strict=False))
+            _update_averages(chunk, grad, betas, foreach=False)
+            delta = evaluate(_leaf_values(grad, param, chunk), rest[len(own) :])
+            _decay(param, lr, weight_decay, foreach=False)
+            _apply(param, delta, lr, foreach=False)
+
+
+CHUNK = 65_536
+"""Elements per chunk of the per-tensor step: a multiple of 128, so that chunks and their
+halves on two threads start on whole SIMD vectors, as the unchunked loops do."""
+
+
+def _chunked(tensors: list[torch.Tensor], allowed: bool):
+    """The same-shaped ``tensors`` (a parameter, its gradient, averages and draws) cut into
+    aligned chunks of :data:`CHUNK` elements, so that a step's temporaries stay in cache: one
+    tuple of 1-D views per chunk (in-place updates write through), or the whole tensors when
+    not ``allowed``, small, or not all contiguous."""
+    numel = tensors[0].numel()
+    if not allowed or numel <= CHUNK or not all(t.is_contiguous() for t in tensors):
+        return [tensors]
+    flat = [t.view(-1) for t in tensors]
+    return [[t[start : start + CHUNK] for t in flat] for start in range(0, numel, CHUNK)]
 
 
 def _foreach_update(

@@ -334,6 +334,11 @@ def bind(
     drawn: list[tuple[int, int]] = []
     calls: list[tuple[int, str, tuple[int, ...], object, bool]] = []
     scalar = [False] * len(program.instructions)
+
+    def writable(arg: int, position: int) -> bool:
+        """Whether instruction ``position`` may overwrite value ``arg`` (its last reader)."""
+        return program.owned[arg] and program.last_use[arg] == position and not scalar[arg]
+
     for position, instruction in enumerate(program.instructions):
         op, args = instruction.op, instruction.args
         if op == "const":
@@ -349,14 +354,11 @@ def bind(
             results[position] = _scalar_op(op, [results[arg] for arg in args], instruction.param)
             scalar[position] = True
         else:
-            if op in ("add", "mul") and scalar[args[0]]:
-                args = args[::-1]
-            inplace = (
-                program.owned[args[0]]
-                and program.last_use[args[0]] == position
-                and not scalar[args[0]]
-                and (len(args) == 1 or args[0] != args[1])
-            )
+            # a + b = b + a and a·b = b·a exactly: the scalar goes second, and a temporary
+            # first when only it may be overwritten
+            if op in ("add", "mul") and (scalar[args[0]] or not writable(args[0], position)):
+                args = args[::-1] if scalar[args[0]] or writable(args[1], position) else args
+            inplace = writable(args[0], position) and (len(args) == 1 or args[0] != args[1])
             calls.append((position, op, args, instruction.param, inplace))
 
     def evaluate(tensors: dict[str, object], draws: Sequence):

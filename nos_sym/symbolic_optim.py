@@ -275,7 +275,7 @@ def _update(
     if compile and not traced:
         step_fn = _compiled_step(plan)
     scalar_tensors: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor, Any]] = {}
-    bound: dict[int, Any] = {}  # the program with the scalars of step t evaluated, per t
+    per_step: dict[int, tuple[dict, Any]] = {}  # t → (its scalars, the program bound to them)
     for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
         own = {name: values[index] for name, values in averages.items()}
         if traced and not plan.exact_steps:
@@ -285,7 +285,14 @@ def _update(
         else:
             step = int(steps[index].item())
             draws = [draw.sample(param, step, generator) for draw in program.draws]
-        scalars = _scalars(program, step, total_steps, betas)
+        if traced:
+            scalars = _scalars(program, step, total_steps, betas)
+            evaluate = bind(program, scalars)
+        else:
+            if step not in per_step:
+                scalars = _scalars(program, step, total_steps, betas)
+                per_step[step] = scalars, bind(program, scalars)
+            scalars, evaluate = per_step[step]
         if compile and not traced:
             # scalars as 0-d tensors, so that new values do not recompile; made once per
             # (step, device, dtype), not once per tensor
@@ -299,36 +306,34 @@ def _update(
             step_scalars, step_lr, decay = scalar_tensors[where]
             step_fn(param, grad, own, step_scalars, draws, step_lr, betas, decay)
             continue
-        if traced:
-            evaluate = bind(program, scalars)
-        elif step not in bound:
-            evaluate = bound[step] = bind(program, scalars)
-        else:
-            evaluate = bound[step]
+        # all of the step on one cache-sized chunk, then on the next (a 1-D lr needs the shape)
         pieces = [param, grad, *own.values(), *draws]
-        for param, grad, *rest in _chunked(pieces, not traced and not isinstance(lr, torch.Tensor)):
-            chunk = dict(zip(own, rest, strict=False))
-            _update_averages(chunk, grad, betas, foreach=False)
-            delta = evaluate(_leaf_values(grad, param, chunk), rest[len(own) :])
-            _decay(param, lr, weight_decay, foreach=False)
-            _apply(param, delta, lr, foreach=False)
+        for piece, piece_grad, *rest in _chunked(
+            pieces, not traced and not isinstance(lr, torch.Tensor)
+        ):
+            piece_averages = dict(zip(own, rest, strict=False))
+            _update_averages(piece_averages, piece_grad, betas, foreach=False)
+            delta = evaluate(_leaf_values(piece_grad, piece, piece_averages), rest[len(own) :])
+            _decay(piece, lr, weight_decay, foreach=False)
+            _apply(piece, delta, lr, foreach=False)
 
 
-CHUNK = 65_536
-"""Elements per chunk of the per-tensor step: a multiple of 128, so that chunks and their
-halves on two threads start on whole SIMD vectors, as the unchunked loops do."""
+CHUNK_BYTES = 1 << 19
+"""Bytes per tensor in one chunk of the per-tensor step (131,072 fp32 elements): a chunk's
+streams and temporaries stay in L2, and every chunk starts on a whole number of SIMD vectors
+(also when two threads halve it), as the unchunked loops do."""
 
 
-def _chunked(tensors: list[torch.Tensor], allowed: bool):
+def _chunked(tensors: list[torch.Tensor], allowed: bool) -> list[list[torch.Tensor]]:
     """The same-shaped ``tensors`` (a parameter, its gradient, averages and draws) cut into
-    aligned chunks of :data:`CHUNK` elements, so that a step's temporaries stay in cache: one
-    tuple of 1-D views per chunk (in-place updates write through), or the whole tensors when
-    not ``allowed``, small, or not all contiguous."""
+    chunks of :data:`CHUNK_BYTES`: one list of 1-D views per chunk (in-place updates write
+    through), or the whole tensors when not ``allowed``, small or not all contiguous."""
+    size = max(128, int(CHUNK_BYTES // tensors[0].element_size()) // 128 * 128)
     numel = tensors[0].numel()
-    if not allowed or numel <= CHUNK or not all(t.is_contiguous() for t in tensors):
+    if not allowed or numel <= size or not all(t.is_contiguous() for t in tensors):
         return [tensors]
     flat = [t.view(-1) for t in tensors]
-    return [[t[start : start + CHUNK] for t in flat] for start in range(0, numel, CHUNK)]
+    return [[t[start : start + size] for t in flat] for start in range(0, numel, size)]
 
 
 def _foreach_update(

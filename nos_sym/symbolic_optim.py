@@ -15,8 +15,9 @@ with t counted from 1, by default β1 = 0.9, β2 = β3 = 0.999 and ε = 1e-8 (th
 and ``eps=`` change them without changing the rule's canonical key), decoupled weight decay
 λ = ``weight_decay`` (AdamW's; 0 by default), g negated under ``maximize=True``, and only the
 averages Δ reads kept in state. Every hyper-parameter, the rule included, is per parameter group.
-Δ runs as the straight-line program of :mod:`nos_sym.compile`: per tensor (the reference), on
-lists of tensors with ``torch._foreach_*`` (``foreach=True``), or fused by ``torch.compile``
+Δ runs as the straight-line program of :mod:`nos_sym.compile`: per tensor (the reference: the
+whole step, averages to update, one cache-sized chunk of a tensor after the other), on lists of
+tensors with ``torch._foreach_*`` (``foreach=True``), or fused by ``torch.compile``
 (``compile=True``, cached per rule key); the three agree to round-off. The whole ``step()`` may
 also be compiled (``torch.compile(opt.step)``): t is then read as a tensor, so a rule without
 decays or draws compiles once.
@@ -395,7 +396,8 @@ class SymbolicOptimizer(Optimizer):
         total_steps: the run's number of steps T, needed by ``ld``, ``cd``, ``rd`` and
             ``anneal_noise`` (t counts from 0 and is clamped at T).
         foreach: use ``torch._foreach_*`` multi-tensor ops. ``None`` picks them on CUDA and the
-            per-tensor loop on CPU, where it is faster (its temporaries stay in cache).
+            per-tensor loop on CPU, where it is faster (it runs each tensor's step in chunks of
+            :data:`CHUNK_BYTES`, so its temporaries stay in cache).
         compile: fuse each tensor's step with ``torch.compile`` (kernels cached per rule key;
             compiling costs seconds, so this is for long runs, not for search candidates).
         generator: the ``torch.Generator`` of the random primitives (default: torch's global

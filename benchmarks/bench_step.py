@@ -32,13 +32,18 @@ def make_params(tensors: int, size: int, device: str) -> list[torch.nn.Parameter
 
 
 class Copy:
-    """The reference: ``copy_`` of every parameter into a preallocated tensor of its size."""
+    """The reference: ``copy_`` of every parameter into a preallocated tensor of its size (on
+    CUDA one ``torch._foreach_copy_``, so that kernel launches do not dominate)."""
 
     def __init__(self, params: list[torch.nn.Parameter]):
-        self.pairs = [(torch.empty_like(p), p.detach()) for p in params]
+        self.sources = [p.detach() for p in params]
+        self.targets = [torch.empty_like(p) for p in self.sources]
 
     def step(self) -> None:
-        for target, source in self.pairs:
+        if self.sources[0].is_cuda:
+            torch._foreach_copy_(self.targets, self.sources)
+            return
+        for target, source in zip(self.targets, self.sources, strict=True):
             target.copy_(source)
 
 

@@ -339,40 +339,70 @@ def _broadcasts(a, b) -> bool:
 def run(program: Program, values: dict[str, object], draws: Sequence, backend=SingleTensor):
     """Evaluate a program. ``values`` maps leaf names to tensors (or lists of tensors for
     :class:`Foreach`) or floats; ``draws`` are the pre-drawn random values in label order."""
-    results: list = []
+    return bind(program, values, backend)(values, draws)
+
+
+def bind(
+    program: Program, values: dict[str, object], backend=SingleTensor
+) -> Callable[[dict[str, object], Sequence], object]:
+    """``program`` with its scalar part evaluated once: every instruction whose inputs are all
+    floats (the float ``values``: bias corrections, decays) is computed here, and the function
+    returned runs the rest on the leaves missing from ``values`` and on the draws it is given,
+    which may be any equally shaped pieces of the tensors (:mod:`nos_sym.symbolic_optim` runs
+    one cache-sized chunk at a time). ``bind(p, v)(v, d)`` is ``run(p, v, d)``."""
+    results: list = [None] * len(program.instructions)
+    leaves: list[tuple[int, str]] = []
+    drawn: list[tuple[int, int]] = []
+    calls: list[tuple[int, str, tuple[int, ...], object, bool]] = []
+    scalar = [False] * len(program.instructions)
+
+    def writable(arg: int, position: int) -> bool:
+        """Whether instruction ``position`` may overwrite value ``arg`` (its last reader)."""
+        return program.owned[arg] and program.last_use[arg] == position and not scalar[arg]
+
     for position, instruction in enumerate(program.instructions):
         op, args = instruction.op, instruction.args
-        if op == "leaf":
-            results.append(values[instruction.param])
-            continue
         if op == "const":
-            results.append(instruction.param)
-            continue
-        if op == "draw":
-            results.append(draws[instruction.param])
-            continue
-        inputs = [results[arg] for arg in args]
-        if all(map(_is_scalar, inputs)):
-            results.append(_scalar_op(op, inputs, instruction.param))
-            continue
-        if op in ("add", "mul") and _is_scalar(inputs[0]):
-            inputs.reverse()
-            args = args[::-1]
-        inplace = (
-            program.owned[args[0]]
-            and program.last_use[args[0]] == position
-            and not _is_scalar(inputs[0])
-            and (len(args) == 1 or args[0] != args[1] and not _broadcasts(inputs[0], inputs[1]))
-        )
-        if op in ("add", "mul", "div"):
-            results.append(backend.binary(op, inputs[0], inputs[1], inplace))
-        elif op == "pow":
-            results.append(backend.pow(inputs[0], instruction.param, inplace))
-        elif op == "clip":
-            results.append(backend.clip(inputs[0], instruction.param, inplace))
+            results[position], scalar[position] = instruction.param, True
+        elif op == "leaf" and instruction.param in values:
+            results[position] = values[instruction.param]
+            scalar[position] = _is_scalar(results[position])
+        elif op == "leaf":
+            leaves.append((position, instruction.param))
+        elif op == "draw":
+            drawn.append((position, instruction.param))
+        elif all(scalar[arg] for arg in args):
+            results[position] = _scalar_op(op, [results[arg] for arg in args], instruction.param)
+            scalar[position] = True
         else:
-            results.append(backend.unary(op, inputs[0], inplace))
-    return results[-1]
+            # a + b = b + a and a·b = b·a exactly: the scalar goes second, and a temporary
+            # first when only it may be overwritten
+            if op in ("add", "mul") and (scalar[args[0]] or not writable(args[0], position)):
+                args = args[::-1] if scalar[args[0]] or writable(args[1], position) else args
+            inplace = writable(args[0], position) and (len(args) == 1 or args[0] != args[1])
+            calls.append((position, op, args, instruction.param, inplace))
+
+    def evaluate(tensors: dict[str, object], draws: Sequence):
+        values = results.copy()
+        for position, name in leaves:
+            values[position] = tensors[name]
+        for position, label in drawn:
+            values[position] = draws[label]
+        for position, op, args, param, inplace in calls:
+            inputs = [values[arg] for arg in args]
+            if inplace and len(inputs) == 2 and _broadcasts(*inputs):
+                inplace = False
+            if op in ("add", "mul", "div"):
+                values[position] = backend.binary(op, inputs[0], inputs[1], inplace)
+            elif op == "pow":
+                values[position] = backend.pow(inputs[0], param, inplace)
+            elif op == "clip":
+                values[position] = backend.clip(inputs[0], param, inplace)
+            else:
+                values[position] = backend.unary(op, inputs[0], inplace)
+        return values[-1]
+
+    return evaluate
 
 
 def _scalar_op(op: str, inputs: list[float], param) -> float:

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from nos_sym import AddSign, DSLSyntaxError, PowerSign, SymbolicOptimizer, parse, symbolic_update
+from nos_sym import (
+    AddSign,
+    DSLSyntaxError,
+    PowerSign,
+    SymbolicOptimizer,
+    parse,
+    symbolic_optim,
+    symbolic_update,
+)
 
 ADAM = "m v id sqrt div"
 SGD = "g g id id keep"
@@ -213,6 +221,66 @@ def test_compiled_path_agrees(rule, options):
     torch.manual_seed(3)
     fused = run_rule(rule, steps=6, total_steps=25, compile=True, **options)
     torch.testing.assert_close(fused, single, rtol=1e-12, atol=1e-14)
+
+
+def run_sizes(rule, steps=6, **options):
+    """Tensors of 1,000, 37×29 and 5 float64 elements and a non-contiguous 30×40, in two groups
+    (weight decay; maximize and another lr), with fixed gradients and draws from seed 3."""
+    torch.manual_seed(3)
+    params = [
+        torch.nn.Parameter(torch.randn(1000, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(37, 29, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(5, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(40, 30, dtype=torch.float64).t()),
+    ]
+    optimizer = SymbolicOptimizer(
+        [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "maximize": True}],
+        rule, lr=0.01, total_steps=25, betas=(0.8, 0.99), **options,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for param in params:
+            param.grad = torch.randn(param.shape, dtype=torch.float64, generator=generator)
+        optimizer.step()
+    return torch.cat([param.detach().flatten() for param in params])
+
+
+@pytest.mark.parametrize("rule", PATH_RULES)
+def test_chunks_change_no_bit_and_the_paths_still_agree(rule, monkeypatch):
+    whole = run_sizes(rule)  # every tensor below one chunk: the unchunked step
+    monkeypatch.setattr(symbolic_optim, "CHUNK_BYTES", 1024)  # 128 float64 elements
+    chunked = run_sizes(rule)
+    assert torch.equal(chunked, whole)
+    torch.testing.assert_close(run_sizes(rule, foreach=True), chunked, rtol=1e-14, atol=1e-15)
+
+
+def test_compiled_path_agrees_with_the_chunked_one(monkeypatch):
+    monkeypatch.setattr(symbolic_optim, "CHUNK_BYTES", 1024)
+    chunked = run_sizes(POWERSIGN, steps=3)
+    fused = run_sizes(POWERSIGN, steps=3, compile=True)
+    torch.testing.assert_close(fused, chunked, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "allowed", "sizes"),
+    [
+        ([torch.zeros(1000), torch.zeros(1000)], True, [256, 256, 256, 232]),
+        ([torch.zeros(1000, dtype=torch.float64)], True, [128] * 7 + [104]),
+        ([torch.zeros(40, 25)], True, [256, 256, 256, 232]),
+        ([torch.zeros(256)], True, [256]),  # one chunk: the tensor itself
+        ([torch.zeros(1000)], False, [1000]),  # e.g. a 1-D lr of stacked models
+        ([torch.zeros(1000), torch.zeros(25, 40).t()], True, [1000]),  # not contiguous
+    ],
+)
+def test_chunks_are_aligned_views_that_write_through(tensors, allowed, sizes, monkeypatch):
+    monkeypatch.setattr(symbolic_optim, "CHUNK_BYTES", 1024)
+    chunks = symbolic_optim._chunked(tensors, allowed)
+    assert [chunk[0].numel() for chunk in chunks] == sizes
+    for chunk in chunks:
+        assert len(chunk) == len(tensors)
+        for piece in chunk:
+            piece.add_(1)
+    assert all(torch.equal(t, torch.ones_like(t)) for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------

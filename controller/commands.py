@@ -16,6 +16,7 @@ from nos_sym.controller.rundir import (
     SearchConfig,
     SearchError,
     leaderboard,
+    leaderboard_markdown,
     load_checkpoint,
     load_config,
     status,
@@ -108,19 +109,14 @@ def _print_top(run_dir: str, n: int, fmt: str) -> None:
         print(json.dumps(rows))
     elif fmt == "latex":
         for row in rows:
-            print(f"{row['reward']:.4f} & \\texttt{{{row['dsl']}}} & ${row['latex']}$ \\\\")
+            print(f"{row['reward']:.4f} & \\texttt{{{row['minimal_dsl']}}} & ${row['latex']}$ \\\\")
     elif fmt == "markdown":
-        print("| # | rule | Δ | reward | status |\n| --- | --- | --- | --- | --- |")
-        for i, row in enumerate(rows, start=1):
-            print(
-                f"| {i} | `{row['dsl']}` | ${row['latex']}$ | {row['reward']:.4f} "
-                f"| {row['status']} |"
-            )
+        print(leaderboard_markdown(rows))
     else:
-        print(f"{'#':>3}  {'reward':>7}  {'status':<9}  rule")
+        print(f"{'#':>3}  {'reward':>7}  {'status':<9}  rule (minimal form)")
         for i, row in enumerate(rows, start=1):
             print(
-                f"{i:>3}  {row['reward']:7.4f}  {row['status']:<9}  {row['dsl']}  "
+                f"{i:>3}  {row['reward']:7.4f}  {row['status']:<9}  {row['minimal_dsl']}  "
                 f"[{row['key'][:10]}]  {row['latex']}"
             )
 

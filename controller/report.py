@@ -8,8 +8,8 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from nos_sym.controller.search import leaderboard, load_config, status, steps
-from nos_sym.dsl import Rule, as_rule, parse
+from nos_sym.controller.rundir import leaderboard, leaderboard_markdown, load_config, status, steps
+from nos_sym.dsl import Rule, as_rule
 from nos_sym.html_report import (
     Html,
     Section,
@@ -58,24 +58,22 @@ def write_report(run_dir: str | Path, output: str | Path, top: int = 3) -> tuple
     draw_rewards(figure.add_subplot(grid[0, :]), list(steps(run_dir)), _title(run_dir))
     for column, entry in enumerate(best_rules):
         axes = figure.add_subplot(grid[1, column])
-        title = f"#{column + 1}  reward {entry['reward']:.4f}\n" + textwrap.fill(entry["dsl"], 40)
-        draw_graph(parse(entry["dsl"]).tree(), axes, title)
+        title = f"#{column + 1}  reward {entry['reward']:.4f}\n" + textwrap.fill(
+            entry["minimal_dsl"], 40
+        )
+        draw_graph(as_rule(entry["dsl"]).tree(), axes, title)
     figure.tight_layout()
     figure.savefig(output, dpi=110)
     plt.close(figure)
 
     summary = status(run_dir)
-    rows = "\n".join(
-        f"| {i} | `{e['dsl']}` | ${e['latex']}$ | {e['reward']:.4f} | {e['status']} |"
-        for i, e in enumerate(leaderboard(run_dir, n=10), start=1)
-    )
+    rows = leaderboard_markdown(leaderboard(run_dir, n=10))
     counts = "\n".join(f"| {name} | {value} |" for name, value in summary.items())
     markdown = output.with_suffix(".md")
     markdown.write_text(
         f"# Search run `{Path(run_dir).name}`\n\n![reward curves and best trees]({output.name})\n\n"
         f"| count | value |\n| --- | --- |\n{counts}\n\n"
-        f"## Leaderboard\n\n| # | rule | Δ | reward | status |\n| --- | --- | --- | --- | --- |\n"
-        f"{rows}\n"
+        f"## Leaderboard\n\n{rows}\n"
     )
     return output, markdown
 

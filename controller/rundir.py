@@ -37,7 +37,7 @@ import torch
 from nos_sym.controller.algorithms import ALGORITHMS as ALGORITHM_CLASSES
 from nos_sym.controller.backends import BACKENDS
 from nos_sym.controller.space import SPACES
-from nos_sym.dsl import parse
+from nos_sym.dsl import as_rule
 from nos_sym.errors import InputWarning, SearchError
 from nos_sym.evaluation.datasets import DATASETS
 from nos_sym.evaluation.protocol import PROTOCOLS
@@ -275,7 +275,8 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
 # Reading a run
 # --------------------------------------------------------------------------------------------
 def leaderboard(run_dir: str | Path, n: int = 10) -> list[dict[str, Any]]:
-    """The run's distinct rules by reward: ``{"dsl", "key", "reward", "status", "latex"}``."""
+    """The run's distinct rules by reward: ``{"dsl", "minimal_dsl", "key", "reward", "status",
+    "latex"}`` (``dsl`` as sampled, ``minimal_dsl`` its live groups only)."""
     best: dict[str, dict[str, Any]] = {}
     for line in read_samples(run_dir):
         if line["outcome"] != "degenerate" and line["key"] not in best:
@@ -284,13 +285,26 @@ def leaderboard(run_dir: str | Path, n: int = 10) -> list[dict[str, Any]]:
     return [
         {
             "dsl": line["dsl"],
+            "minimal_dsl": rule.minimal_dsl,
             "key": line["key"],
             "reward": line["reward"],
             "status": line["status"],
-            "latex": parse(line["dsl"]).latex(),
+            "latex": rule.latex(),
         }
-        for line in ranked
+        for line, rule in ((line, as_rule(line["dsl"])) for line in ranked)
     ]
+
+
+def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
+    """A :func:`leaderboard` as a Markdown table (the minimal DSL; ``|`` in Δ escaped, so
+    absolute values do not split a cell)."""
+    lines = ["| # | rule | Δ | reward | status |", "| --- | --- | --- | --- | --- |"]
+    for i, row in enumerate(rows, start=1):
+        delta = row["latex"].replace("|", r"\|")
+        lines.append(
+            f"| {i} | `{row['minimal_dsl']}` | ${delta}$ | {row['reward']:.4f} | {row['status']} |"
+        )
+    return "\n".join(lines)
 
 
 def status(run_dir: str | Path) -> dict[str, Any]:

@@ -247,3 +247,14 @@ def test_page_in_headless_chromium(run_dir, outputs, tmp_path):
     assert len(boxes) == 6 + 1 + 3 + 1 + 2  # Δ per rule, the curve, 3 trees, $\hat{m}$, 2 images
     assert [box for box in boxes if not (box[1] > 0 and box[2] > 0 and box[3])] == []
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_leaderboard_rows_carry_the_minimal_form_and_markdown_escapes_bars(run_dir):
+    from nos_sym.controller.rundir import leaderboard, leaderboard_markdown
+    from nos_sym.dsl import parse
+
+    rows = leaderboard(run_dir, 50)
+    assert rows and all(row["minimal_dsl"] == parse(row["dsl"]).minimal_dsl for row in rows)
+    row = {**rows[0], "latex": r"\left|g\right|", "minimal_dsl": "g g abs id keep"}
+    table = leaderboard_markdown([row]).splitlines()
+    assert table[2].count(" | ") == 4 and r"\left\|g\right\|" in table[2]

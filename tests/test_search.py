@@ -294,7 +294,7 @@ def test_cli_search_top_status_report(tmp_path):
             check=True,
         ).stdout
     )
-    assert top and set(top[0]) == {"dsl", "key", "reward", "status", "latex"}
+    assert top and set(top[0]) == {"dsl", "minimal_dsl", "key", "reward", "status", "latex"}
     assert top == sorted(top, key=lambda row: -row["reward"])
     summary = json.loads(
         subprocess.run(

@@ -80,7 +80,7 @@ from nos_sym.controller.space import get_space
 from nos_sym.dsl import Rule, as_rule
 from nos_sym.evaluation.outcome import EvalResult
 from nos_sym.evaluation.protocol import get_protocol
-from nos_sym.evaluation.store import Claim, Record, RewardStore
+from nos_sym.evaluation.store import Claim, LeaseKeeper, Record, RewardStore
 
 __all__ = [
     "ALGORITHMS",
@@ -261,6 +261,7 @@ class SearchRun:
         else:
             future = futures.Future()
             jobs.append((self._job(rule), future))
+            self.leases.hold(answer)
             pending = _Pending(
                 rule, "evaluated", future=future, claim=answer, fingerprint=fingerprint
             )
@@ -326,6 +327,7 @@ class SearchRun:
         result = pending.result or pending.future.result()
         if pending.claim is not None:
             record = self.store.complete(pending.claim, result, extra={"run": self.run_id})
+            self.leases.drop(pending.claim)
             self._in_flight_keys.pop(pending.rule.key, None)
             result = record.result
         return result.status, result.reward
@@ -361,6 +363,7 @@ class SearchRun:
             self.config.backend, self.config.workers, self.config.ray_address
         )
         in_flight: collections.deque[_Batch] = collections.deque()
+        self.leases = LeaseKeeper(self.store.path)  # claims of evaluations in flight stay ours
         depth = (
             1
             if self.config.backend == "inline"
@@ -386,6 +389,7 @@ class SearchRun:
                     progress(self.counters)
         finally:
             backend.close()
+            self.leases.close()
             self.store.close()
         return self.counters
 

@@ -12,7 +12,7 @@ from nos_sym.errors import CommandError
 from nos_sym.evaluation import datasets
 from nos_sym.evaluation.baselines import BASELINES
 from nos_sym.evaluation.protocol import PROTOCOLS, get_protocol
-from nos_sym.evaluation.store import Record, RewardStore, new_owner
+from nos_sym.evaluation.store import LeaseKeeper, Record, RewardStore, new_owner
 
 WAIT_SECONDS = 2.0
 """How often ``nos-sym evaluate`` looks whether another process finished the same evaluation."""
@@ -61,14 +61,16 @@ def _evaluate_rule(args: argparse.Namespace) -> dict:
         datasets.load(args.dataset)  # a missing dataset: one clear error, before training
         bar, progress = progress_bar(f"evaluate {rule.dsl}")
         try:
-            result = evaluate(
-                rule,
-                dataset=args.dataset,
-                protocol=protocol,
-                seed=args.seed,
-                device=args.device,
-                progress=progress,
-            )
+            with LeaseKeeper(store.path) as leases:  # the lease outlives a long evaluation
+                leases.hold(answer)
+                result = evaluate(
+                    rule,
+                    dataset=args.dataset,
+                    protocol=protocol,
+                    seed=args.seed,
+                    device=args.device,
+                    progress=progress,
+                )
         except BaseException:
             store.release(answer)
             raise

@@ -12,7 +12,9 @@ someone else; until then the original owner may still complete it.
 A result is an :class:`~nos_sym.evaluation.outcome.EvalResult`, stored as it is (one column per
 field of the outcome, the sweep as JSON with its learning rates as text) and read back as the same
 type inside a :class:`Record`. :meth:`RewardStore.wait` is the one way to wait for another worker's
-evaluation.
+evaluation, and a :class:`LeaseKeeper` renews the claims of evaluations still running, from a
+thread of its own, so a candidate that trains for longer than its lease (a task may take hours)
+is never claimed again and paid twice.
 
 Everything is stored as SQL values or JSON text; nothing is pickled. Finished rows are never
 overwritten or deleted by this module. A file that is not a reward store (not SQLite, or another
@@ -26,6 +28,7 @@ import os
 import random
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -45,6 +48,7 @@ __all__ = [
     "STATUSES",
     "Claim",
     "ClaimLostError",
+    "LeaseKeeper",
     "Record",
     "RewardStore",
     "StoreError",
@@ -447,3 +451,71 @@ def _record(row: tuple[Any, ...]) -> Record:
         created=created,
         updated=updated,
     )
+
+
+class LeaseKeeper:
+    """Renews held claims while their evaluations run: every ``lease_seconds / 3`` (or ``every``
+    seconds) a daemon thread, with a connection of its own, pushes each held claim's expiry to
+    now + its lease length, until :meth:`drop` (after ``complete`` or ``release``) or
+    :meth:`close`. A claim another worker took over in the meantime is dropped; its owner's
+    ``complete`` then raises :class:`ClaimLostError` as it would without the keeper.
+
+    Usage: ``keeper.hold(claim)`` when dispatching the evaluation, ``keeper.drop(claim)`` once
+    its result is stored; ``with LeaseKeeper(path) as keeper:`` closes the thread."""
+
+    def __init__(self, path: str | os.PathLike[str], *, every: float | None = None) -> None:
+        self.path = Path(path)
+        self.every = every
+        self._held: dict[tuple[str, str, str, int], Claim] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> LeaseKeeper:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def hold(self, claim: Claim) -> None:
+        """Keep ``claim``'s lease alive from now on."""
+        with self._lock:
+            self._held[_primary_key(claim)] = claim
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="nos_sym-lease-keeper", daemon=True
+                )
+                self._thread.start()
+
+    def drop(self, claim: Claim) -> None:
+        """Stop renewing ``claim`` (its result is stored, or it was released)."""
+        with self._lock:
+            self._held.pop(_primary_key(claim), None)
+
+    def close(self) -> None:
+        """Stop the thread (held claims keep the expiry of their last renewal)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _interval(self) -> float:
+        with self._lock:
+            leases = [claim.lease_seconds for claim in self._held.values()]
+        if self.every is not None:
+            return self.every
+        return min(leases) / 3 if leases else 1.0
+
+    def _run(self) -> None:
+        with RewardStore(self.path) as store:
+            while not self._stop.wait(self._interval()):
+                with self._lock:
+                    claims = list(self._held.values())
+                for claim in claims:
+                    try:
+                        renewed = store.renew(claim)
+                    except ClaimLostError:
+                        self.drop(claim)
+                        continue
+                    with self._lock:
+                        if _primary_key(claim) in self._held:
+                            self._held[_primary_key(claim)] = renewed

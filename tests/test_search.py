@@ -117,6 +117,28 @@ def test_evolution_run_avoids_what_it_has_met(tmp_path):
     assert summary["from_store"] < summary["evaluated"] // 2, summary
 
 
+def test_a_search_keeps_the_leases_of_its_evaluations_until_stored(tmp_path, monkeypatch):
+    import nos_sym.controller.search as search_module
+    from nos_sym.evaluation.store import LeaseKeeper
+
+    held, dropped = [], []
+
+    class Recording(LeaseKeeper):
+        def hold(self, claim):
+            held.append(claim.key)
+            super().hold(claim)
+
+        def drop(self, claim):
+            dropped.append(claim.key)
+            super().drop(claim)
+
+    monkeypatch.setattr(search_module, "LeaseKeeper", Recording)
+    run_dir = tmp_path / "run"
+    SearchRun(run_dir, config(algo="random", budget=6)).run(backend=InstantBackend())
+    evaluated = [line["key"] for line in read_samples(run_dir) if line["outcome"] == "evaluated"]
+    assert sorted(held) == sorted(dropped) == sorted(evaluated) and len(held) == 6
+
+
 def test_budget_counts_evaluations_and_max_samples_stops(tmp_path):
     run = SearchRun(tmp_path / "a", config(budget=4, batch=3))
     assert run.run().evaluated == 4

@@ -21,6 +21,7 @@ from nos_sym.evaluation.store import (
     STATUSES,
     Claim,
     ClaimLostError,
+    LeaseKeeper,
     Record,
     RewardStore,
     StoreError,
@@ -346,3 +347,32 @@ def test_eight_processes_claim_overlapping_keys_without_loss_or_duplicates(
     for owner, won in results:
         for key in won:
             assert records[key].extra == {"owner": owner}
+
+
+def test_a_kept_lease_outlives_a_long_evaluation(store: RewardStore) -> None:
+    """A (simulated) evaluation three times longer than its lease: with the keeper renewing it,
+    no other worker can claim the rule, and the owner's result is stored."""
+    claim = store.claim(*RULE, dsl=DSL, owner="slow", lease_seconds=0.3)
+    with LeaseKeeper(store.path, every=0.05) as keeper:
+        keeper.hold(claim)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # the evaluation runs; others keep asking
+            assert store.claim(*RULE, dsl=DSL, owner="other", lease_seconds=0.3) is None
+            time.sleep(0.05)
+        record = store.complete(claim, result(reward=0.75))
+        keeper.drop(claim)
+    assert (record.result.status, record.result.reward) == ("ok", 0.75)
+
+
+def test_an_unkept_lease_expires_and_the_keeper_drops_a_lost_claim(store: RewardStore) -> None:
+    claim = store.claim(*RULE, dsl=DSL, owner="slow", lease_seconds=0.1)
+    time.sleep(0.2)
+    taken = store.claim(*RULE, dsl=DSL, owner="other", lease_seconds=60)
+    assert isinstance(taken, Claim)  # expired: another worker took it over
+    with LeaseKeeper(store.path, every=0.02) as keeper:
+        keeper.hold(claim)
+        time.sleep(0.2)  # the keeper finds the claim lost and stops renewing it
+        assert keeper._held == {}
+    with pytest.raises(ClaimLostError):
+        store.complete(claim, result())
+    assert store.complete(taken, result(reward=0.25)).result.reward == 0.25

@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nos_sym.dsl import parse
 from nos_sym.errors import CommandError
 from nos_sym.evaluation import datasets
 from nos_sym.evaluation.baselines import BASELINES
+from nos_sym.evaluation.memoized import WAIT_SECONDS as WAIT_SECONDS  # re-exported
+from nos_sym.evaluation.memoized import evaluate_memoized
 from nos_sym.evaluation.protocol import PROTOCOLS, get_protocol
-from nos_sym.evaluation.store import LeaseKeeper, Record, RewardStore, new_owner
-
-WAIT_SECONDS = 2.0
-"""How often ``nos-sym evaluate`` looks whether another process finished the same evaluation."""
+from nos_sym.evaluation.store import Record, RewardStore
 
 
 def default_store() -> Path:
@@ -23,18 +24,27 @@ def default_store() -> Path:
     return Path(os.environ.get("NOS_STORE") or datasets.cache_dir() / "rewards.sqlite")
 
 
-def progress_bar(description: str):
-    """A tqdm bar on stderr and the ``progress(done, total)`` callback that drives it."""
-    from tqdm import tqdm
-
-    bar = tqdm(desc=description, unit="run", leave=False, dynamic_ncols=True)
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback driving a tqdm bar on stderr, opened at its first
+    call (an answer from the store shows no bar) and closed on exit."""
+    bar = None
 
     def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=description, unit="run", leave=False, dynamic_ncols=True)
         bar.total = total
         bar.n = done
         bar.refresh()
 
-    return bar, progress
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _record_json(record: Record, cached: bool) -> dict:
@@ -43,41 +53,20 @@ def _record_json(record: Record, cached: bool) -> dict:
 
 
 def _evaluate_rule(args: argparse.Namespace) -> dict:
-    from nos_sym.evaluation.evaluator import evaluate
-
     rule = parse(args.rule)
-    protocol = get_protocol(args.protocol)
-    identity = (rule.key, protocol.hash, args.dataset, args.seed)
     store_path = Path(args.store) if args.store else default_store()
     store_path.parent.mkdir(parents=True, exist_ok=True)
-    with RewardStore(store_path) as store:
-        if rule.is_degenerate:  # evaluate() screens it out: its result, without training
-            degenerate = evaluate(rule, protocol=protocol, seed=args.seed, device=args.device)
-            record = store.get(*identity) or store.put(*identity, degenerate)
-            return _record_json(record, cached=False)
-        answer = store.wait(*identity, dsl=rule.dsl, owner=new_owner(), every=WAIT_SECONDS)
-        if isinstance(answer, Record):
-            return _record_json(answer, cached=True)
-        datasets.load(args.dataset)  # a missing dataset: one clear error, before training
-        bar, progress = progress_bar(f"evaluate {rule.dsl}")
-        try:
-            with LeaseKeeper(store.path) as leases:  # the lease outlives a long evaluation
-                leases.hold(answer)
-                result = evaluate(
-                    rule,
-                    dataset=args.dataset,
-                    protocol=protocol,
-                    seed=args.seed,
-                    device=args.device,
-                    progress=progress,
-                )
-        except BaseException:
-            store.release(answer)
-            raise
-        finally:
-            bar.close()
-        record = store.complete(answer, result)
-        return _record_json(record, cached=False)
+    with RewardStore(store_path) as store, progress_bar(f"evaluate {rule.dsl}") as progress:
+        record, cached = evaluate_memoized(
+            rule,
+            dataset=args.dataset,
+            protocol=get_protocol(args.protocol),
+            seed=args.seed,
+            store=store,
+            device=args.device,
+            progress=progress,
+        )
+    return _record_json(record, cached)
 
 
 def _baselines(args: argparse.Namespace) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from nos_sym.controller.space import SearchSpace, uniform_sample
+from nos_sym.controller.space import SearchSpace, size, uniform_sample
 from nos_sym.dsl import Rule, parse
 from nos_sym.evaluation.baselines import BASELINES
 from nos_sym.evaluation.memoized import evaluate_memoized
@@ -55,6 +55,8 @@ REFERENCE_PRESETS: tuple[str, ...] = tuple(dict.fromkeys((*BASELINES, *TABLE1)))
 """The preset names of the reference set: the baselines in the DSL, then the paper's Table 1."""
 
 TOP_FRACTION = 0.1
+MAX_DRAWS_PER_RULE = 100
+"""Sampling gives up after this many draws per wanted rule (a small space has few rules)."""
 
 
 def reference_rules(
@@ -62,18 +64,29 @@ def reference_rules(
 ) -> list[tuple[str, Rule]]:
     """``(name, rule)`` for the ``presets`` then ``n_random`` rules drawn uniformly from
     ``space`` (named ``random-0``, ``random-1`` …), without degenerate rules and without two
-    rules of one canonical key; deterministic given ``sample_seed``."""
+    rules of one canonical key; deterministic given ``sample_seed``. Raises ValueError when
+    the space has fewer token strings, or does not yield that many rules within
+    ``MAX_DRAWS_PER_RULE · n_random`` draws."""
     rules: dict[str, tuple[str, Rule]] = {}
     for name in presets:
         rule = parse(PRESETS[name])
         rules.setdefault(rule.key, (name, rule))
+    if n_random > size(space):
+        raise ValueError(f"the space has only {size(space)} token strings, {n_random} wanted")
     generator = torch.Generator().manual_seed(sample_seed)
     drawn = 0
-    while drawn < n_random:
+    for _ in range(MAX_DRAWS_PER_RULE * n_random):
+        if drawn == n_random:
+            break
         rule = parse(space.to_dsl(uniform_sample(space, generator)))
         if not rule.is_degenerate and rule.key not in rules:
             rules[rule.key] = (f"random-{drawn}", rule)
             drawn += 1
+    if drawn < n_random:
+        raise ValueError(
+            f"found only {drawn} of {n_random} distinct non-degenerate rules in "
+            f"{MAX_DRAWS_PER_RULE * n_random} draws from the space"
+        )
     return list(rules.values())
 
 

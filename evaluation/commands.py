@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nos_sym.controller.space import SPACES
 from nos_sym.dsl import parse
 from nos_sym.errors import CommandError
 from nos_sym.evaluation import datasets
@@ -72,6 +71,11 @@ def _evaluate_rule(args: argparse.Namespace) -> dict:
     return _record_json(record, cached)
 
 
+def _check_dataset(name: str) -> None:
+    if name not in datasets.DATASETS:
+        raise CommandError(f"unknown dataset {name!r} (known: {', '.join(datasets.DATASETS)})")
+
+
 def _baselines(args: argparse.Namespace) -> None:
     from nos_sym.evaluation.baselines import baseline_table
 
@@ -96,10 +100,7 @@ def _baselines(args: argparse.Namespace) -> None:
 
 
 def _evaluate_command(args: argparse.Namespace) -> None:
-    if args.dataset not in datasets.DATASETS:
-        raise CommandError(
-            f"unknown dataset {args.dataset!r} (known: {', '.join(datasets.DATASETS)})"
-        )
+    _check_dataset(args.dataset)
     if args.protocol not in PROTOCOLS:
         raise CommandError(f"unknown protocol {args.protocol!r} (known: {', '.join(PROTOCOLS)})")
     if args.baselines:
@@ -149,13 +150,10 @@ def _names(text: str, known: dict | tuple, what: str) -> list[str]:
 def _calibrate_command(args: argparse.Namespace) -> None:
     import shlex
 
-    from nos_sym.controller.space import get_space
+    from nos_sym.controller.space import SPACES, get_space
     from nos_sym.evaluation import calibrate
 
-    if args.dataset not in datasets.DATASETS:
-        raise CommandError(
-            f"unknown dataset {args.dataset!r} (known: {', '.join(datasets.DATASETS)})"
-        )
+    _check_dataset(args.dataset)
     protocols = [get_protocol(name) for name in _names(args.protocols, PROTOCOLS, "protocol")]
     if len(protocols) < 2:
         raise CommandError(
@@ -168,10 +166,19 @@ def _calibrate_command(args: argparse.Namespace) -> None:
         raise CommandError(f"--random must be ≥ 0, got {args.random}")
     if len(set(args.seeds)) != len(args.seeds):
         raise CommandError(f"--seeds has a seed twice: {args.seeds}")
-    rules = calibrate.reference_rules(presets, get_space(args.space), args.random, args.sample_seed)
+    try:
+        space = get_space(args.space)
+        rules = calibrate.reference_rules(presets, space, args.random, args.sample_seed)
+    except ValueError as error:
+        raise CommandError(f"--space {args.space} --random {args.random}: {error}") from None
     if len(rules) < 2:
         raise CommandError(f"calibration needs at least two rules, got {len(rules)}")
     datasets.load(args.dataset)  # a missing dataset: one clear error, before training
+    output = Path(args.output)
+    try:  # an output that cannot be written: before paying for anything
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(f"cannot write {output}: {error.strerror or error}") from None
     store_path = Path(args.store) if args.store else default_store()
     store_path.parent.mkdir(parents=True, exist_ok=True)
     with RewardStore(store_path) as store, progress_bar("calibrate") as progress:
@@ -184,7 +191,6 @@ def _calibrate_command(args: argparse.Namespace) -> None:
             device=args.device,
             progress=progress,
         )
-    output = Path(args.output)
     command = shlex.join(
         [
             "nos-sym",
@@ -222,6 +228,7 @@ def _calibrate_command(args: argparse.Namespace) -> None:
 
 
 def add_calibrate(command: argparse.ArgumentParser) -> None:
+    from nos_sym.controller.space import SPACES
     from nos_sym.evaluation.calibrate import REFERENCE_PRESETS
 
     command.add_argument("--dataset", default="fashion-mnist", help=" | ".join(datasets.DATASETS))

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from nos_sym.cli import main
-from nos_sym.controller.space import get_space
+from nos_sym.controller.space import SearchSpace, get_space
 from nos_sym.evaluation import calibrate
 from nos_sym.evaluation.protocol import PROTOCOLS, Protocol
 
@@ -101,6 +101,20 @@ def test_reference_rules_are_distinct_live_and_seeded():
     assert len(calibrate.REFERENCE_PRESETS) == 23  # 8 baselines + Table 1 less PowerSign
 
 
+@pytest.mark.parametrize(
+    ("binary", "wanted", "message"),
+    [
+        (("sub",), 3, "only 2 token strings"),  # g − m, m − g
+        (("mul", "sub"), 4, "found only 3 of 4"),  # g·m = m·g: 4 strings, 3 rules
+    ],
+)
+def test_reference_rules_from_a_space_too_small(monkeypatch, binary, wanted, message):
+    monkeypatch.setattr(calibrate, "MAX_DRAWS_PER_RULE", 10)
+    space = SearchSpace(operands=("g", "m"), unary=("id",), binary=binary, groups=1)
+    with pytest.raises(ValueError, match=message):
+        calibrate.reference_rules([], space, wanted, sample_seed=0)
+
+
 @pytest.fixture
 def tiny_protocols(monkeypatch):
     for name, protocol in TINY.items():
@@ -172,6 +186,7 @@ def test_calibrate_end_to_end_then_nothing_paid_twice(tmp_path, tiny_protocols, 
         (["--random", "-1"], "--random must be"),
         (["--seeds", "0", "0"], "a seed twice"),
         (["--presets", "sgd", "--random", "0"], "at least two rules"),
+        (["--space", "small", "--random", "1000000000"], "token strings"),
     ],
 )
 def test_bad_options_are_one_line_errors(tmp_path, capsys, options, message):

@@ -12,9 +12,11 @@ section 4.2): a learning-rate sweep, then a longer run at the best rate,
 * :mod:`.protocol`: :class:`Protocol`, everything that can change a reward, and :data:`PROTOCOLS`.
 * :mod:`.evaluator`: :func:`evaluate`, :func:`evaluate_batch`, :func:`evaluate_optimizer`;
   :mod:`.outcome`: :class:`EvalResult`, the one outcome type.
-* :mod:`.store`: :class:`RewardStore`, the SQLite reward store with claims and leases.
+* :mod:`.store`: :class:`RewardStore`, the SQLite reward store with claims and leases;
+  :mod:`.memoized`: :func:`evaluate_memoized`, one evaluation answered from it or trained once.
+* :mod:`.calibrate`: how well a cheap protocol ranks rules against an expensive one.
 * :mod:`.baselines`: the standard optimizers scored the same way.
-* :mod:`.commands`: ``nos-sym evaluate``.
+* :mod:`.commands`: ``nos-sym evaluate``, ``nos-sym calibrate``.
 
 See ``docs/evaluation.md`` and ``docs/store.md``.
 """

@@ -1,21 +1,24 @@
-"""``nos-sym evaluate``: one rule's reward (memoized in the reward store), or the baselines."""
+"""``nos-sym evaluate``: one rule's reward (memoized in the reward store), or the baselines;
+``nos-sym calibrate``: cheap protocols' rankings against an expensive one."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from nos_sym.dsl import parse
 from nos_sym.errors import CommandError
 from nos_sym.evaluation import datasets
 from nos_sym.evaluation.baselines import BASELINES
+from nos_sym.evaluation.memoized import WAIT_SECONDS as WAIT_SECONDS  # re-exported
+from nos_sym.evaluation.memoized import evaluate_memoized
 from nos_sym.evaluation.protocol import PROTOCOLS, get_protocol
-from nos_sym.evaluation.store import LeaseKeeper, Record, RewardStore, new_owner
-
-WAIT_SECONDS = 2.0
-"""How often ``nos-sym evaluate`` looks whether another process finished the same evaluation."""
+from nos_sym.evaluation.store import Record, RewardStore
+from nos_sym.presets import PRESETS
 
 
 def default_store() -> Path:
@@ -23,18 +26,27 @@ def default_store() -> Path:
     return Path(os.environ.get("NOS_STORE") or datasets.cache_dir() / "rewards.sqlite")
 
 
-def progress_bar(description: str):
-    """A tqdm bar on stderr and the ``progress(done, total)`` callback that drives it."""
-    from tqdm import tqdm
-
-    bar = tqdm(desc=description, unit="run", leave=False, dynamic_ncols=True)
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback driving a tqdm bar on stderr, opened at its first
+    call (an answer from the store shows no bar) and closed on exit."""
+    bar = None
 
     def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=description, unit="run", leave=False, dynamic_ncols=True)
         bar.total = total
         bar.n = done
         bar.refresh()
 
-    return bar, progress
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _record_json(record: Record, cached: bool) -> dict:
@@ -43,41 +55,25 @@ def _record_json(record: Record, cached: bool) -> dict:
 
 
 def _evaluate_rule(args: argparse.Namespace) -> dict:
-    from nos_sym.evaluation.evaluator import evaluate
-
     rule = parse(args.rule)
-    protocol = get_protocol(args.protocol)
-    identity = (rule.key, protocol.hash, args.dataset, args.seed)
     store_path = Path(args.store) if args.store else default_store()
     store_path.parent.mkdir(parents=True, exist_ok=True)
-    with RewardStore(store_path) as store:
-        if rule.is_degenerate:  # evaluate() screens it out: its result, without training
-            degenerate = evaluate(rule, protocol=protocol, seed=args.seed, device=args.device)
-            record = store.get(*identity) or store.put(*identity, degenerate)
-            return _record_json(record, cached=False)
-        answer = store.wait(*identity, dsl=rule.dsl, owner=new_owner(), every=WAIT_SECONDS)
-        if isinstance(answer, Record):
-            return _record_json(answer, cached=True)
-        datasets.load(args.dataset)  # a missing dataset: one clear error, before training
-        bar, progress = progress_bar(f"evaluate {rule.dsl}")
-        try:
-            with LeaseKeeper(store.path) as leases:  # the lease outlives a long evaluation
-                leases.hold(answer)
-                result = evaluate(
-                    rule,
-                    dataset=args.dataset,
-                    protocol=protocol,
-                    seed=args.seed,
-                    device=args.device,
-                    progress=progress,
-                )
-        except BaseException:
-            store.release(answer)
-            raise
-        finally:
-            bar.close()
-        record = store.complete(answer, result)
-        return _record_json(record, cached=False)
+    with RewardStore(store_path) as store, progress_bar(f"evaluate {rule.dsl}") as progress:
+        record, cached = evaluate_memoized(
+            rule,
+            dataset=args.dataset,
+            protocol=get_protocol(args.protocol),
+            seed=args.seed,
+            store=store,
+            device=args.device,
+            progress=progress,
+        )
+    return _record_json(record, cached)
+
+
+def _check_dataset(name: str) -> None:
+    if name not in datasets.DATASETS:
+        raise CommandError(f"unknown dataset {name!r} (known: {', '.join(datasets.DATASETS)})")
 
 
 def _baselines(args: argparse.Namespace) -> None:
@@ -104,10 +100,7 @@ def _baselines(args: argparse.Namespace) -> None:
 
 
 def _evaluate_command(args: argparse.Namespace) -> None:
-    if args.dataset not in datasets.DATASETS:
-        raise CommandError(
-            f"unknown dataset {args.dataset!r} (known: {', '.join(datasets.DATASETS)})"
-        )
+    _check_dataset(args.dataset)
     if args.protocol not in PROTOCOLS:
         raise CommandError(f"unknown protocol {args.protocol!r} (known: {', '.join(PROTOCOLS)})")
     if args.baselines:
@@ -141,3 +134,123 @@ def add_evaluate(command: argparse.ArgumentParser) -> None:
         "--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the baseline table"
     )
     command.set_defaults(run=_evaluate_command)
+
+
+def _names(text: str, known: dict | tuple, what: str) -> list[str]:
+    """A comma-separated list of names, each one of ``known``, none twice."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in known:
+            raise CommandError(f"unknown {what} {name!r} (known: {', '.join(known)})")
+    if len(set(names)) != len(names):
+        raise CommandError(f"a {what} is given twice in {text!r}")
+    return names
+
+
+def _calibrate_command(args: argparse.Namespace) -> None:
+    import shlex
+
+    from nos_sym.controller.space import SPACES, get_space
+    from nos_sym.evaluation import calibrate
+
+    _check_dataset(args.dataset)
+    protocols = [get_protocol(name) for name in _names(args.protocols, PROTOCOLS, "protocol")]
+    if len(protocols) < 2:
+        raise CommandError(
+            "--protocols needs at least two protocols: the cheaper ones, then the truth"
+        )
+    presets = _names(args.presets, PRESETS, "preset")
+    if args.space not in SPACES:
+        raise CommandError(f"unknown space {args.space!r} (known: {', '.join(SPACES)})")
+    if args.random < 0:
+        raise CommandError(f"--random must be ≥ 0, got {args.random}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise CommandError(f"--seeds has a seed twice: {args.seeds}")
+    try:
+        space = get_space(args.space)
+        rules = calibrate.reference_rules(presets, space, args.random, args.sample_seed)
+    except ValueError as error:
+        raise CommandError(f"--space {args.space} --random {args.random}: {error}") from None
+    if len(rules) < 2:
+        raise CommandError(f"calibration needs at least two rules, got {len(rules)}")
+    datasets.load(args.dataset)  # a missing dataset: one clear error, before training
+    output = Path(args.output)
+    try:  # an output that cannot be written: before paying for anything
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(f"cannot write {output}: {error.strerror or error}") from None
+    store_path = Path(args.store) if args.store else default_store()
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    with RewardStore(store_path) as store, progress_bar("calibrate") as progress:
+        measurements = calibrate.measure(
+            rules,
+            protocols,
+            args.seeds,
+            dataset=args.dataset,
+            store=store,
+            device=args.device,
+            progress=progress,
+        )
+    command = shlex.join(
+        [
+            "nos-sym",
+            "calibrate",
+            "--dataset",
+            args.dataset,
+            "--protocols",
+            args.protocols,
+            "--seeds",
+            *map(str, args.seeds),
+            "--random",
+            str(args.random),
+            "--space",
+            args.space,
+            "--sample-seed",
+            str(args.sample_seed),
+            "--presets",
+            args.presets,
+            "--store",
+            str(store_path),
+            "-o",
+            str(output),
+        ]
+    )  # every option spelt out: the exact command, whatever the defaults become
+    try:
+        stats = calibrate.report(measurements, output, command)
+    except OSError as error:
+        raise CommandError(f"cannot write {output}: {error.strerror or error}") from None
+    print(calibrate.markdown_table(stats, stats[-1].seconds), end="")
+    print(
+        f"{len(rules)} rules × {len(protocols)} protocols × {len(args.seeds)} seeds: "
+        f"{measurements.trained} trained, {measurements.from_store} from the store; "
+        f"written to {output}"
+    )
+
+
+def add_calibrate(command: argparse.ArgumentParser) -> None:
+    from nos_sym.controller.space import SPACES
+    from nos_sym.evaluation.calibrate import REFERENCE_PRESETS
+
+    command.add_argument("--dataset", default="fashion-mnist", help=" | ".join(datasets.DATASETS))
+    command.add_argument(
+        "--protocols",
+        default="quick,paper",
+        help="comma-separated, cheapest first; the last one is the truth "
+        f"(known: {', '.join(PROTOCOLS)})",
+    )
+    command.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    command.add_argument(
+        "--random", type=int, default=40, help="non-degenerate rules sampled from --space"
+    )
+    command.add_argument("--space", default="paper", help=" | ".join(SPACES))
+    command.add_argument("--sample-seed", type=int, default=0, help="seeds the sampled rules")
+    command.add_argument(
+        "--presets",
+        default=",".join(REFERENCE_PRESETS),
+        help="comma-separated preset names of the reference set (default: the baselines and "
+        "the paper's Table 1; '' for none)",
+    )
+    command.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    command.add_argument("--store", help=f"reward store (default: {default_store()})")
+    command.add_argument("-o", "--output", required=True, help="directory of the report")
+    command.set_defaults(run=_calibrate_command)

@@ -101,6 +101,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tree": ("nos_sym.cli:_add_tree", "draw a rule's tree as PNG or DOT"),
     "data": ("nos_sym.cli:_add_data", "download (fetch) or describe (info) a dataset"),
     "evaluate": ("nos_sym.evaluation.commands:add_evaluate", "train the child network with a rule"),
+    "calibrate": (
+        "nos_sym.evaluation.commands:add_calibrate",
+        "how well cheap protocols rank rules against an expensive one: table, JSON, scatter plots",
+    ),
     "search": ("nos_sym.controller.commands:add_search", "run (or resume) a dedup-aware search"),
     "top": ("nos_sym.controller.commands:add_top", "a run's leaderboard"),
     "status": ("nos_sym.controller.commands:add_status", "a run's counts"),

@@ -109,6 +109,22 @@ def test_protocol_rejects_bad_settings():
     assert set(PROTOCOLS) >= {"paper", "quick"}
 
 
+def test_existing_protocols_keep_their_hashes_and_screen_sits_between():
+    # a protocol's hash is its rewards' identity in every store: these never change
+    assert PROTOCOLS["paper"].hash.startswith("cec1cc5c8c78")
+    assert PROTOCOLS["quick"].hash.startswith("ee32e4d64531")
+    steps = {
+        name: len(p.learning_rates) * p.sweep_steps + p.final_steps(55_000)
+        for name, p in PROTOCOLS.items()
+    }
+    assert steps["quick"] < steps["screen"] <= steps["paper"] / 4
+    screen, paper = PROTOCOLS["screen"], PROTOCOLS["paper"]
+    assert (min(screen.learning_rates), max(screen.learning_rates)) == (
+        min(paper.learning_rates),
+        max(paper.learning_rates),
+    )
+
+
 def test_epoch_order_is_a_seeded_permutation():
     order = epoch_order(seed=0, epoch=0, examples=100)
     assert sorted(order.tolist()) == list(range(100))

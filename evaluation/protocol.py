@@ -107,8 +107,9 @@ PROTOCOLS: dict[str, Protocol] = {
         batch_size=50,
         n_valid=1_000,
     ),
-    # Between the two (issue 13; not yet calibrated): the paper's span of learning rates, every
-    # other decade, more examples than `quick`: 4 × 20 + 100 = 180 steps, ~1/6 of `paper`.
+    # Between the two (issue 13; calibrated in docs/RESULTS.md): the paper's span of learning
+    # rates, every other decade, more examples than `quick`: 4 × 20 + 100 = 180 steps, ~1/6 of
+    # `paper`.
     "screen": Protocol(
         name="screen",
         learning_rates=(1e-5, 1e-3, 1e-1, 10.0),

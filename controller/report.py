@@ -52,7 +52,8 @@ def write_report(run_dir: str | Path, output: str | Path, top: int = 3) -> tuple
     import matplotlib.pyplot as plt
 
     output = Path(output)
-    best_rules = leaderboard(run_dir, n=top)
+    board = leaderboard(run_dir, n=max(top, 10))  # read once: the trees and the summary
+    best_rules = board[:top]
     figure = plt.figure(figsize=(12, 8.5))
     grid = figure.add_gridspec(2, max(1, len(best_rules)), height_ratios=(1, 1.3))
     draw_rewards(figure.add_subplot(grid[0, :]), list(steps(run_dir)), _title(run_dir))
@@ -67,7 +68,7 @@ def write_report(run_dir: str | Path, output: str | Path, top: int = 3) -> tuple
     plt.close(figure)
 
     summary = status(run_dir)
-    rows = leaderboard_markdown(leaderboard(run_dir, n=10))
+    rows = leaderboard_markdown(board[:10])
     counts = "\n".join(f"| {name} | {value} |" for name, value in summary.items())
     markdown = output.with_suffix(".md")
     markdown.write_text(

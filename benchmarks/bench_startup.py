@@ -58,7 +58,9 @@ def main() -> None:
             "`nos-sym top RUN`": [NOS_SYM, "top", str(run_dir)],
             "`nos-sym status RUN`": [NOS_SYM, "status", str(run_dir)],
             "search worker start-up (import the evaluator and backends)": [
-                python, "-c", "import nos_sym.controller.backends, nos_sym.evaluation.evaluator",
+                python,
+                "-c",
+                "import nos_sym.controller.backends, nos_sym.evaluation.evaluator",
             ],  # fmt: skip
         }
         rows = [

@@ -23,11 +23,11 @@ handful of kernels. Nothing is compiled per candidate. Threads: torch's intra-op
 2-thread processes on 2 cores spin against each other and run ~10× slower.
 
 Every evaluator returns an :class:`~nos_sym.evaluation.outcome.EvalResult` (re-exported here),
-decided in one place (:func:`_scored`): ``ok``; ``diverged`` (every learning rate, or the final
-run, produced a non-finite loss or parameter; a diverged sweep run scores 0 and another learning
-rate may still win); ``degenerate`` (the rule cannot train anything: no training at all);
-``failed`` (the candidate raised; the message says what). The reward is 0 unless ``ok``, and never
-NaN. The data and its caches are :mod:`nos_sym.evaluation.data`.
+decided in one place (:func:`~nos_sym.evaluation.outcome.scored`): ``ok``; ``diverged`` (every
+learning rate, or the final run, produced a non-finite loss or parameter; a diverged sweep run
+scores 0 and another learning rate may still win); ``degenerate`` (the rule cannot train
+anything: no training at all); ``failed`` (the candidate raised; the message says what). The
+reward is 0 unless ``ok``, and never NaN. Data and caches: :mod:`nos_sym.evaluation.data`.
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from nos_sym.dsl import Rule, as_rule
+from nos_sym.dsl import Rule
 from nos_sym.evaluation import datasets
 from nos_sym.evaluation.child import ChildNet, StackedChild, init_child
 from nos_sym.evaluation.data import Data, prepared, shuffled_epoch
-from nos_sym.evaluation.outcome import STATUSES, EvalResult, Status
+from nos_sym.evaluation.outcome import STATUSES, EvalResult, Status, best_lr, scored
 from nos_sym.evaluation.protocol import Protocol, derived_seed, get_protocol
+from nos_sym.presets import resolve
 from nos_sym.symbolic_optim import SymbolicOptimizer, symbolic_update
 
 __all__ = [
@@ -60,6 +61,9 @@ __all__ = [
     "evaluate",
     "evaluate_batch",
     "evaluate_optimizer",
+    "rule_optimizer",
+    "screen",
+    "train_child",
 ]
 
 OptimizerFactory = Callable[[list[Tensor], float, int], torch.optim.Optimizer]
@@ -159,56 +163,8 @@ def _accuracy(model: StackedChild, data: Data, protocol: Protocol) -> Tensor:
     return correct.double().div_(len(data.valid_y))
 
 
-def _best_lr(sweep: dict[float, float], diverged: dict[float, bool]) -> float | None:
-    """The learning rate with the best held-out accuracy among those that did not diverge (the
-    smallest on ties); None if all diverged."""
-    live = [lr for lr in sorted(sweep) if not diverged[lr]]
-    return max(live, key=lambda lr: sweep[lr]) if live else None
-
-
 def _message(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
-
-
-def _scored(
-    dsl: str,
-    key: str,
-    *,
-    sweep: dict[float, float],
-    best_lr: float | None,
-    final: tuple[float, bool] | None,
-    failure: str | None,
-    seconds: float,
-    device: str,
-    protocol: Protocol,
-    seed: int,
-) -> EvalResult:
-    """The scoring decision of both evaluators, from the sweep's best learning rate and the final
-    run's (held-out accuracy, diverged): ``failed`` if the candidate raised (``failure``);
-    ``diverged`` if every learning rate diverged (``best_lr`` None) or the final run did; else
-    ``ok`` with reward = the final run's accuracy."""
-    status: Status
-    if failure is not None:
-        status, reward, best_lr, message = "failed", 0.0, None, failure
-    elif best_lr is None or final is None:
-        status, reward, message = "diverged", 0.0, "every learning rate diverged"
-    elif final[1]:
-        status, reward, message = "diverged", 0.0, f"final run at lr={best_lr:g} diverged"
-    else:
-        status, reward, message = "ok", final[0], ""
-    return EvalResult(
-        dsl=dsl,
-        key=key,
-        status=status,
-        reward=reward,
-        best_lr=best_lr,
-        sweep=sweep,
-        seconds=seconds,
-        device=device,
-        message=message,
-        protocol_hash=protocol.hash,
-        seed=seed,
-    )
 
 
 # --- one candidate -------------------------------------------------------------------------------
@@ -247,32 +203,57 @@ def evaluate_optimizer(
             progress(len(sweep) + 1, len(runs) + 1)
         return float(accuracy[0]), bool(bad[0])
 
-    best_lr: float | None = None
+    chosen: float | None = None
     final: tuple[float, bool] | None = None
     failure: str | None = None
     try:
         for lr, epochs, examples in runs:
             sweep[lr], diverged[lr] = train(lr, epochs, examples)
-        best_lr = _best_lr(sweep, diverged)
-        if best_lr is not None:
-            final = train(best_lr, protocol.final_epochs, final_examples)
+        chosen = best_lr(sweep, diverged)
+        if chosen is not None:
+            final = train(chosen, protocol.final_epochs, final_examples)
     except Exception as error:  # the candidate's own failure: report it, never raise
         failure = _message(error)
-    return _scored(
+    return scored(
         dsl,
         key,
         sweep=sweep,
-        best_lr=best_lr,
+        best_lr=chosen,
         final=final,
         failure=failure,
         seconds=time.perf_counter() - start,
         device=str(target),
-        protocol=protocol,
+        protocol_hash=protocol.hash,
         seed=seed,
     )
 
 
-def _rule_optimizer(rule: Rule, seed: int, device: torch.device) -> OptimizerFactory:
+def train_child(
+    make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer],
+    *,
+    dataset: str | datasets.Dataset,
+    protocol: str | Protocol,
+    seed: int,
+    final: bool,
+    device: str = "cpu",
+) -> tuple[float, bool]:
+    """One run of the child, as :func:`evaluate_optimizer` trains it: a sweep run (``final``
+    False) or the final run, with ``make_optimizer([params])``; (held-out accuracy, diverged)."""
+    protocol = get_protocol(protocol)
+    target = torch.device(device)
+    data = prepared(dataset, protocol, target)
+    model = _model(data, protocol, seed, 1, target)
+    epochs, examples = (
+        (protocol.final_epochs, protocol.final_examples or len(data.train_y))
+        if final
+        else (protocol.sweep_epochs, protocol.sweep_examples)
+    )
+    optimizer = make_optimizer([model.params])
+    accuracy, bad = _train_and_score(model, optimizer.step, data, protocol, seed, epochs, examples)
+    return float(accuracy[0]), bool(bad[0])
+
+
+def rule_optimizer(rule: Rule, seed: int, device: torch.device) -> OptimizerFactory:
     """Runs of ``rule`` through :class:`SymbolicOptimizer`, random draws seeded by ``seed``."""
 
     def make(params: list[Tensor], lr: float, total_steps: int) -> torch.optim.Optimizer:
@@ -304,10 +285,11 @@ def _unscored(
     )
 
 
-def _screen(rule: Rule | str, protocol: Protocol, seed: int, device: str) -> Rule | EvalResult:
-    """The parsed rule, or the result of a rule that needs no training (unparsable, degenerate)."""
+def screen(rule: Rule | str, protocol: Protocol, seed: int, device: str) -> Rule | EvalResult:
+    """The parsed rule (a preset name, DSL text or a :class:`Rule`), or the result of a rule that
+    needs no training (unparsable, degenerate)."""
     try:
-        parsed = as_rule(rule)
+        parsed = resolve(rule)
     except Exception as error:
         return _unscored(str(rule), "", "failed", _message(error), protocol, seed, device)
     if parsed.is_degenerate:
@@ -328,11 +310,11 @@ def evaluate(
     """Score one update rule under ``protocol`` (see the module docstring). Deterministic on the
     CPU: the same rule, data, protocol and seed give the same reward."""
     protocol = get_protocol(protocol)
-    screened = _screen(rule, protocol, seed, device)
+    screened = screen(rule, protocol, seed, device)
     if isinstance(screened, EvalResult):
         return screened
     return evaluate_optimizer(
-        _rule_optimizer(screened, seed, torch.device(device)),
+        rule_optimizer(screened, seed, torch.device(device)),
         dsl=screened.dsl,
         key=screened.key,
         dataset=dataset,
@@ -442,7 +424,7 @@ def evaluate_batch(
     start = time.perf_counter()
     protocol = get_protocol(protocol)
     target = torch.device(device)
-    screened = [_screen(rule, protocol, seed, str(target)) for rule in rules]
+    screened = [screen(rule, protocol, seed, str(target)) for rule in rules]
     live = {i: rule for i, rule in enumerate(screened) if isinstance(rule, Rule)}
     data = prepared(dataset, protocol, target)
     max_models = max_models or DEFAULT_MAX_MODELS.get(target.type, DEFAULT_MAX_MODELS["cuda"])
@@ -475,7 +457,7 @@ def evaluate_batch(
     accuracy, diverged = train(sweep_runs, protocol.sweep_epochs, protocol.sweep_examples)
     sweeps = {i: _by_lr(lrs, accuracy, n) for n, i in enumerate(live)}
     divergences = {i: _by_lr(lrs, diverged, n) for n, i in enumerate(live)}
-    best = {i: _best_lr(sweeps[i], divergences[i]) for i in live}
+    best = {i: best_lr(sweeps[i], divergences[i]) for i in live}
     final_runs = [
         (i, live[i], lr) for i, lr in best.items() if lr is not None and i not in failures
     ]
@@ -488,7 +470,7 @@ def evaluate_batch(
     }
 
     def result(i: int, rule: Rule) -> EvalResult:
-        return _scored(
+        return scored(
             rule.dsl,
             rule.key,
             sweep=sweeps[i],
@@ -497,7 +479,7 @@ def evaluate_batch(
             failure=failures.get(i),
             seconds=seconds,
             device=str(target),
-            protocol=protocol,
+            protocol_hash=protocol.hash,
             seed=seed,
         )
 

@@ -25,16 +25,18 @@ bit for bit, as that run alone, and a diverged row (inf, NaN) stays in its row.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from nos_sym import primitives as P
 from nos_sym.dsl import Rule
+from nos_sym.evaluation.protocol import Protocol
 from nos_sym.presets import resolve
+from nos_sym.tasks.base import MakeOptimizer, Task, TaskRun
 
 __all__ = [
     "DIVERGED_METRIC",
@@ -43,8 +45,10 @@ __all__ = [
     "LRS",
     "STARTS",
     "STEPS",
+    "PROTOCOL",
     "Best",
     "OptimizerFactory",
+    "RosenbrockTask",
     "Trajectories",
     "best",
     "epsilons_for",
@@ -57,6 +61,8 @@ __all__ = [
 
 STEPS = 4000
 """Iterations per run (the paper's)."""
+CURVE_EVERY = 100
+"""Steps between the points of a :class:`RosenbrockTask` run's curve."""
 
 STARTS: tuple[tuple[float, float], ...] = ((-1.2, 1.0), (-1.5, 2.0), (-0.5, 1.5), (1.5, 1.0))
 """Starting points: Rosenbrock's own (−1.2, 1), two more on the far side of the curved valley
@@ -238,3 +244,49 @@ def best(
         losses=sweep.losses[e, lr],
         sweep=sweep,
     )
+
+
+PROTOCOL = Protocol(
+    name="rosenbrock",
+    learning_rates=LRS,
+    sweep_examples=STEPS,
+    final_epochs=1,
+    final_examples=STEPS,
+    batch_size=1,
+    n_valid=1,
+)
+"""The task's protocol: every lr of :data:`LRS`, :data:`STEPS` iterations (one "example" per
+step); the final run repeats the best lr's run (the task is deterministic)."""
+
+
+@dataclass(frozen=True)
+class RosenbrockTask(Task):
+    """The task ``rosenbrock``: one run = every start of :data:`STARTS` for ``steps`` steps at
+    one lr (ε the optimizer's default); metric = the mean :func:`metric` over the starts;
+    diverged when every start's final loss is non-finite. The curve: the mean metric every
+    :data:`CURVE_EVERY` steps. (``nos-sym rosenbrock`` also sweeps ε; a task run does not.)"""
+
+    name: ClassVar[str] = "rosenbrock"
+    version: ClassVar[int | str] = 1
+    protocols: ClassVar[Mapping[str, Protocol]] = {"rosenbrock": PROTOCOL}
+    default_protocol: ClassVar[str] = "rosenbrock"
+
+    def run(
+        self,
+        make_optimizer: MakeOptimizer,
+        *,
+        lr: float,
+        seed: int,
+        steps: int,
+        protocol: Protocol,
+        final: bool,
+        device: str = "cpu",
+    ) -> TaskRun:
+        runs = run(make_optimizer, lrs=(lr,), steps=steps, seed=seed)
+        losses = runs.losses[0, 0]  # [start, step]
+        curve = metric(losses[:, ::CURVE_EVERY]).mean(axis=0)
+        return TaskRun(
+            metric=float(runs.metrics[0, 0].mean()),
+            diverged=bool(not np.isfinite(losses[:, -1]).any()),
+            curve=tuple(float(value) for value in curve),
+        )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -27,6 +27,9 @@ from nos_sym.evaluation.protocol import Protocol, get_protocol
 from nos_sym.presets import PRESETS
 from nos_sym.sign_decay import SignDecay, linear
 from nos_sym.sign_optim import AddSign, PowerSign
+
+if TYPE_CHECKING:
+    from nos_sym.tasks.base import Task
 
 
 @dataclass(frozen=True)
@@ -55,24 +58,42 @@ BASELINES: dict[str, Baseline] = {
 }
 
 
+def baseline_key(name: str) -> str:
+    """The key baseline ``name``'s rewards are stored under: ``baseline:NAME``."""
+    return f"baseline:{name}"
+
+
 def evaluate_baseline(
     name: str,
     *,
     dataset: str | datasets.Dataset = "fashion-mnist",
-    protocol: str | Protocol = "quick",
+    protocol: str | Protocol | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: Progress | None = None,
+    task: Task | None = None,
 ) -> EvalResult:
-    """Score baseline ``name`` (a key of :data:`BASELINES`) exactly as a candidate rule is."""
+    """Score baseline ``name`` (a key of :data:`BASELINES`) exactly as a candidate rule is: on
+    ``task`` when given (``protocol`` None: its default), else on the child on ``dataset``
+    (``protocol`` None: ``quick``)."""
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
-    return evaluate_optimizer(
+    if task is None:
+        return evaluate_optimizer(
+            BASELINES[name],
+            dsl=name,
+            key=baseline_key(name),
+            dataset=dataset,
+            protocol=protocol or "quick",
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
+    return task.evaluate(
         BASELINES[name],
         dsl=name,
-        key=f"baseline:{name}",
-        dataset=dataset,
-        protocol=protocol,
+        key=baseline_key(name),
+        protocol=task.protocol(protocol),
         seed=seed,
         device=device,
         progress=progress,

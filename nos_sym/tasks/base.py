@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -37,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from nos_sym.evaluation.outcome import EvalResult, best_lr, scored
 from nos_sym.evaluation.protocol import PROTOCOLS, Protocol
+from nos_sym.tasks.identity import description, task_identity
 
 if TYPE_CHECKING:
     import torch
@@ -103,14 +102,14 @@ class Task(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         """``{"name", "version", "config"}``: what :attr:`identity` hashes."""
-        return {"name": self.name, "version": self.version, "config": self.config()}
+        return description(self.name, self.version, self.config())
 
     @property
     def identity(self) -> str:
         """``name@version/h``, ``h`` the first 16 hex digits of the sha256 of the canonical JSON
-        of :meth:`describe`: equal exactly when name, version and configuration are."""
-        text = json.dumps(self.describe(), sort_keys=True, separators=(",", ":"))
-        return f"{self.name}@{self.version}/{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        of :meth:`describe` (:func:`~nos_sym.tasks.identity.task_identity`): equal exactly when
+        name, version and configuration are."""
+        return task_identity(self.name, self.version, self.config())
 
     def protocol(self, protocol: str | Protocol | None = None) -> Protocol:
         """The protocol called ``protocol`` (the task's own first; None: its default); a

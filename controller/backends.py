@@ -24,6 +24,7 @@ import torch
 
 from nos_sym.errors import SearchError
 from nos_sym.evaluation.outcome import EvalResult
+from nos_sym.tasks.base import Task
 
 __all__ = [
     "BACKENDS",
@@ -45,11 +46,13 @@ MESSAGE_LIMIT = 2000
 
 @dataclass(frozen=True)
 class Job:
-    """One candidate to train: a rule (its DSL and canonical key) under a protocol and seed."""
+    """One candidate to train: a rule (its DSL and canonical key) on a task, under a protocol
+    and seed. The task travels to process and Ray workers pickled (see
+    :mod:`nos_sym.tasks.base` for what that asks of your own task)."""
 
     dsl: str
     key: str
-    dataset: str
+    task: Task
     protocol: str
     seed: int
     device: str = "cpu"
@@ -69,13 +72,13 @@ class Backend(Protocol):
 
 
 def evaluate_job(job: Job) -> EvalResult:
-    """Train the child with one rule (runs in a worker)."""
-    from nos_sym.evaluation.evaluator import evaluate
+    """Score one rule on the job's task (runs in a worker)."""
+    from nos_sym.tasks.base import evaluate_rule
 
     if job.threads:
         torch.set_num_threads(job.threads)
-    return evaluate(
-        job.dsl, dataset=job.dataset, protocol=job.protocol, seed=job.seed, device=job.device
+    return evaluate_rule(
+        job.dsl, task=job.task, protocol=job.protocol, seed=job.seed, device=job.device
     )
 
 
@@ -230,7 +233,8 @@ class RayBackend:
 
 class GpuBackend:
     """The batched GPU evaluator: each submitted batch of candidates (× the sweep's learning
-    rates) is trained together as one stacked model, in a background thread."""
+    rates) on the child task is trained together as one stacked model, in a background thread;
+    on any other task the batch's jobs run one after another on the GPU, in that thread."""
 
     def __init__(self):
         if not torch.cuda.is_available():
@@ -239,18 +243,23 @@ class GpuBackend:
 
     def submit(self, jobs: Sequence[Job]) -> list[futures.Future[EvalResult]]:
         from nos_sym.evaluation.evaluator import evaluate_batch
+        from nos_sym.tasks.child import ChildTask
 
         if not jobs:
             return []
         first = jobs[0]
-        batch = self._executor.submit(
-            evaluate_batch,
-            [job.dsl for job in jobs],
-            dataset=first.dataset,
-            protocol=first.protocol,
-            seed=first.seed,
-            device="cuda",
-        )
+        if isinstance(first.task, ChildTask):
+            batch = self._executor.submit(
+                evaluate_batch,
+                [job.dsl for job in jobs],
+                dataset=first.task.dataset,
+                protocol=first.task.protocol(first.protocol),
+                seed=first.seed,
+                device="cuda",
+            )
+        else:
+            cuda = [dataclasses.replace(job, device="cuda") for job in jobs]
+            batch = self._executor.submit(lambda: [evaluate_job(job) for job in cuda])
         results: list[futures.Future[EvalResult]] = [futures.Future() for _ in jobs]
 
         def finish(batch: futures.Future) -> None:

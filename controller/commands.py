@@ -25,6 +25,7 @@ from nos_sym.controller.search import SearchRun
 from nos_sym.controller.space import SPACES
 from nos_sym.evaluation.datasets import DATASETS
 from nos_sym.evaluation.protocol import PROTOCOLS
+from nos_sym.tasks.registry import TASKS
 
 _SEARCH_OPTIONS = {
     # option: (config field, type, help)
@@ -33,8 +34,9 @@ _SEARCH_OPTIONS = {
     "--algo": ("algo", str, f"controller training: {'|'.join(ALGORITHMS)}"),
     "--space": ("space", str, f"search space preset: {' | '.join(SPACES)}"),
     "--groups": ("groups", int, "groups per rule, 1-3"),
-    "--dataset": ("dataset", str, " | ".join(DATASETS)),
-    "--protocol": ("protocol", str, f"evaluation protocol: {' | '.join(PROTOCOLS)}"),
+    "--task": ("task", str, f"{' | '.join(TASKS)} (NAME,option=value,...) or module:attribute"),
+    "--dataset": ("dataset", str, f"data set of a task that has one: {' | '.join(DATASETS)}"),
+    "--protocol": ("protocol", str, f"{' | '.join(PROTOCOLS)} or the task's own"),
     "--seed": ("seed", int, "controller seed"),
     "--eval-seed": ("eval_seed", int, "child-network seed (part of a reward's identity)"),
     "--batch": ("batch", int, "samples per controller step"),
@@ -68,9 +70,7 @@ def _search_command(args: argparse.Namespace) -> None:
     run = SearchRun(args.run_dir, config_from(args))
     config = run.config
     if not run.files.samples.exists():
-        from nos_sym.evaluation import datasets
-
-        datasets.load(config.dataset)  # a missing dataset is one clear error, before any work
+        run.task.check()  # e.g. a missing data set: one clear error, before any work
     bar = tqdm(
         total=config.budget,
         initial=run.counters.evaluated,

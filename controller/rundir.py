@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,7 +40,9 @@ from nos_sym.controller.space import SPACES
 from nos_sym.dsl import as_rule
 from nos_sym.errors import InputWarning, SearchError
 from nos_sym.evaluation.datasets import DATASETS
-from nos_sym.evaluation.protocol import PROTOCOLS
+
+if TYPE_CHECKING:
+    from nos_sym.tasks.base import Task
 
 __all__ = [
     "ALGORITHMS",
@@ -69,6 +71,7 @@ FROZEN = (
     "algo",
     "space",
     "groups",
+    "task",
     "dataset",
     "protocol",
     "seed",
@@ -83,14 +86,17 @@ FROZEN = (
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """One search run, as ``config.json`` stores it. ``seed`` seeds the controller;
-    ``eval_seed`` the child networks, and is part of a reward's identity (rule key, protocol
-    hash, dataset, eval seed), so runs with different controller seeds still share rewards
-    through a common store."""
+    """One search run, as ``config.json`` stores it. ``task`` is a spec for
+    :func:`~nos_sym.tasks.registry.get_task` (``dataset`` sets the data set of a task that has
+    one; a run directory written before tasks existed has none and is the task ``child``).
+    ``seed`` seeds the controller; ``eval_seed`` the trained models, and is part of a reward's
+    identity (rule key, protocol hash, task identity, eval seed), so runs with different
+    controller seeds still share rewards through a common store."""
 
     algo: str = "trpo"
     space: str = "paper"
     groups: int | None = None  # None: the space preset's number of groups
+    task: str = "child"
     dataset: str = "fashion-mnist"
     protocol: str = "quick"
     seed: int = 0
@@ -110,7 +116,6 @@ class SearchConfig:
         checks = [
             (self.algo in ALGORITHMS, f"--algo must be one of {', '.join(ALGORITHMS)}"),
             (self.space in SPACES, f"--space must be one of {', '.join(SPACES)}"),
-            (self.protocol in PROTOCOLS, f"--protocol must be one of {', '.join(PROTOCOLS)}"),
             (self.dataset in DATASETS, f"--dataset must be one of {', '.join(DATASETS)}"),
             (self.backend in BACKENDS, f"--backend must be one of {', '.join(BACKENDS)}"),
             (self.dedup in DEDUP, f"--dedup must be {' or '.join(map(repr, DEDUP))}"),
@@ -132,6 +137,12 @@ class SearchConfig:
         if self.algo == "evolution":
             return {"population": self.population, "tournament": self.tournament}
         return {}
+
+    def resolved_task(self) -> Task:
+        """The task this run trains on (a bad spec is a :class:`~nos_sym.errors.UserError`)."""
+        from nos_sym.tasks.registry import get_task
+
+        return get_task(self.task, dataset=self.dataset)
 
     @property
     def sample_limit(self) -> int:

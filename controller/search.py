@@ -79,8 +79,9 @@ from nos_sym.controller.rundir import (
 from nos_sym.controller.space import get_space
 from nos_sym.dsl import Rule, as_rule
 from nos_sym.evaluation.outcome import EvalResult
-from nos_sym.evaluation.protocol import get_protocol
+from nos_sym.evaluation.protocol import PROTOCOLS
 from nos_sym.evaluation.store import Claim, LeaseKeeper, Record, RewardStore
+from nos_sym.tasks.base import Task
 
 __all__ = [
     "ALGORITHMS",
@@ -131,14 +132,22 @@ class _Batch:
 class SearchRun:
     """A search run bound to its directory; :meth:`run` goes on until the budget is paid."""
 
-    def __init__(self, run_dir: str | Path, config: SearchConfig | None = None):
+    def __init__(
+        self, run_dir: str | Path, config: SearchConfig | None = None, task: Task | None = None
+    ):
         self.files = RunFiles(Path(run_dir))
         # everything is read and checked (config, checkpoint, log, store) before anything is
         # written, so a damaged file stops the run with the directory as it was
         self.config, self.run_id, write_config = self._open(config)
         groups = {} if self.config.groups is None else {"groups": self.config.groups}
         space = get_space(self.config.space, **groups)
-        self.protocol = get_protocol(self.config.protocol)
+        self.task = self._task(task)
+        known = {**PROTOCOLS, **self.task.protocols}
+        if self.config.protocol not in known:
+            raise SearchError(
+                f"--protocol must be one of {', '.join(known)} (task {self.task.name!r})"
+            )
+        self.protocol = self.task.protocol(self.config.protocol)
         self.algorithm: Algorithm = make_algorithm(
             self.config.algo, space, self.config.seed, **self.config.hyperparameters
         )
@@ -150,6 +159,7 @@ class SearchRun:
         lines, torn = read_log(self.files.root)
         self.files.root.mkdir(parents=True, exist_ok=True)
         self.store = RewardStore(self.files.store(self.config))
+        self.store.describe_task(self.task.identity, self.task.describe())
         if write_config:
             self._write_config(self.config, self.run_id)
         self.lines = self._truncated_log(lines, torn)
@@ -191,6 +201,18 @@ class SearchRun:
             raise SearchError(f"{self.files.root} is not a search run directory")
         return config, f"run-{uuid.uuid4().hex[:12]}", True
 
+    def _task(self, task: Task | None) -> Task:
+        """The run's task: the given object (from Python; the config names it by identity), or
+        the one the config's spec names."""
+        if task is None:
+            return self.config.resolved_task()
+        if task.identity != self.config.task:
+            raise SearchError(
+                f"{self.files.root} holds a run on task {self.config.task!r}, not on "
+                f"{task.identity!r}; use a new --run-dir"
+            )
+        return task
+
     def _write_config(self, config: SearchConfig, run_id: str) -> None:
         text = json.dumps({**dataclasses.asdict(config), "run_id": run_id}, indent=2)
         atomic_write(self.files.config, lambda path: path.write_text(text + "\n"))
@@ -210,13 +232,13 @@ class SearchRun:
         return Job(
             dsl=rule.dsl,
             key=rule.key,
-            dataset=self.config.dataset,
+            task=self.task,
             protocol=self.config.protocol,
             seed=self.config.eval_seed,
         )
 
     def _identity(self, key: str) -> tuple[str, str, str, int]:
-        return key, self.protocol.hash, self.config.dataset, self.config.eval_seed
+        return key, self.protocol.hash, self.task.identity, self.config.eval_seed
 
     def _classify(self, rule: Rule, paid: int, jobs: list) -> _Pending | None:
         """The outcome of one sample; None when it would exceed the budget."""

@@ -102,19 +102,23 @@ def evaluate_baseline(
 
 def baseline_table(
     dataset: str | datasets.Dataset = "fashion-mnist",
-    protocol: str | Protocol = "quick",
+    protocol: str | Protocol | None = None,
     seeds: Iterable[int] = (0, 1),
     names: Sequence[str] | None = None,
     device: str = "cpu",
+    task: Task | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per baseline: rewards and best learning rates per seed, their mean and spread
-    (population std over seeds), mean seconds per evaluation."""
-    protocol = get_protocol(protocol)
+    """One row per baseline (on ``task`` when given, else the child on ``dataset``): rewards and
+    best learning rates per seed, their mean and spread (population std over seeds), mean
+    seconds per evaluation."""
+    protocol = task.protocol(protocol) if task is not None else get_protocol(protocol or "quick")
     seeds = list(seeds)
     rows = []
     for name in names or BASELINES:
         results = [
-            evaluate_baseline(name, dataset=dataset, protocol=protocol, seed=seed, device=device)
+            evaluate_baseline(
+                name, dataset=dataset, protocol=protocol, seed=seed, device=device, task=task
+            )
             for seed in seeds
         ]
         rewards = [result.reward for result in results]

@@ -23,6 +23,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +34,9 @@ from nos_sym.evaluation.memoized import evaluate_memoized
 from nos_sym.evaluation.protocol import Protocol
 from nos_sym.evaluation.store import RewardStore
 from nos_sym.presets import PRESETS, TABLE1
+
+if TYPE_CHECKING:
+    from nos_sym.tasks.base import Task
 
 __all__ = [
     "REFERENCE_PRESETS",
@@ -276,7 +280,7 @@ def measure(
     protocols: Sequence[Protocol],
     seeds: Sequence[int],
     *,
-    dataset: str,
+    task: Task,
     store: RewardStore,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
@@ -295,7 +299,7 @@ def measure(
             for index, (_, rule) in enumerate(rules):
                 record, cached = evaluate_memoized(
                     rule,
-                    dataset=dataset,
+                    task=task,
                     protocol=protocol,
                     seed=seed,
                     store=store,

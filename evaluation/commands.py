@@ -9,16 +9,19 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nos_sym.dsl import parse
 from nos_sym.errors import CommandError
 from nos_sym.evaluation import datasets
 from nos_sym.evaluation.baselines import BASELINES
 from nos_sym.evaluation.memoized import WAIT_SECONDS as WAIT_SECONDS  # re-exported
 from nos_sym.evaluation.memoized import evaluate_memoized
-from nos_sym.evaluation.protocol import PROTOCOLS, get_protocol
+from nos_sym.evaluation.protocol import PROTOCOLS
 from nos_sym.evaluation.store import Record, RewardStore
-from nos_sym.presets import PRESETS
+from nos_sym.presets import PRESETS, resolve
+
+if TYPE_CHECKING:
+    from nos_sym.tasks.base import Task
 
 
 def default_store() -> Path:
@@ -54,15 +57,15 @@ def _record_json(record: Record, cached: bool) -> dict:
     return {**record.result.to_json(), "cached": cached}
 
 
-def _evaluate_rule(args: argparse.Namespace) -> dict:
-    rule = parse(args.rule)
+def _evaluate_rule(args: argparse.Namespace, task: Task) -> dict:
+    rule = resolve(args.rule)
     store_path = Path(args.store) if args.store else default_store()
     store_path.parent.mkdir(parents=True, exist_ok=True)
     with RewardStore(store_path) as store, progress_bar(f"evaluate {rule.dsl}") as progress:
         record, cached = evaluate_memoized(
             rule,
-            dataset=args.dataset,
-            protocol=get_protocol(args.protocol),
+            task=task,
+            protocol=task.protocol(args.protocol),
             seed=args.seed,
             store=store,
             device=args.device,
@@ -71,18 +74,48 @@ def _evaluate_rule(args: argparse.Namespace) -> dict:
     return _record_json(record, cached)
 
 
-def _check_dataset(name: str) -> None:
-    if name not in datasets.DATASETS:
-        raise CommandError(f"unknown dataset {name!r} (known: {', '.join(datasets.DATASETS)})")
+def task_from(args: argparse.Namespace) -> Task:
+    """The task of ``--task`` (``--dataset`` sets the data set of a task that has one), checked
+    to run here (e.g. its data present) before anything is paid for."""
+    from nos_sym.tasks.registry import get_task
+
+    if args.dataset is not None and args.dataset not in datasets.DATASETS:
+        known = ", ".join(datasets.DATASETS)
+        raise CommandError(f"unknown dataset {args.dataset!r} (known: {known})")
+    task = get_task(args.task, dataset=args.dataset)
+    try:
+        task.protocol(getattr(args, "protocol", None))
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    task.check()
+    return task
 
 
-def _baselines(args: argparse.Namespace) -> None:
+def add_task_options(command: argparse.ArgumentParser, protocol: bool = True) -> None:
+    """``--task``, ``--dataset`` (and ``--protocol``) as every command that trains takes them."""
+    from nos_sym.tasks.registry import DEFAULT_TASK, TASKS
+
+    command.add_argument(
+        "--task",
+        default=DEFAULT_TASK,
+        help=f"{' | '.join(TASKS)} (NAME,option=value,...), or module:attribute for your own",
+    )
+    command.add_argument(
+        "--dataset",
+        help=f"the data set of a task that has one: {' | '.join(datasets.DATASETS)} "
+        "(child default: fashion-mnist)",
+    )
+    if protocol:
+        command.add_argument(
+            "--protocol",
+            help=f"{' | '.join(PROTOCOLS)} or the task's own (default: the task's default)",
+        )
+
+
+def _baselines(args: argparse.Namespace, task: Task) -> None:
     from nos_sym.evaluation.baselines import baseline_table
 
-    datasets.load(args.dataset)
-    rows = baseline_table(
-        dataset=args.dataset, protocol=args.protocol, seeds=args.seeds, device=args.device
-    )
+    rows = baseline_table(protocol=args.protocol, seeds=args.seeds, device=args.device, task=task)
     if args.format == "json":
         print(json.dumps(rows))
         return
@@ -100,15 +133,13 @@ def _baselines(args: argparse.Namespace) -> None:
 
 
 def _evaluate_command(args: argparse.Namespace) -> None:
-    _check_dataset(args.dataset)
-    if args.protocol not in PROTOCOLS:
-        raise CommandError(f"unknown protocol {args.protocol!r} (known: {', '.join(PROTOCOLS)})")
-    if args.baselines:
-        _baselines(args)
-        return
-    if args.rule is None:
+    if not args.baselines and args.rule is None:
         raise CommandError("evaluate needs a RULE (or --baselines)")
-    summary = _evaluate_rule(args)
+    task = task_from(args)
+    if args.baselines:
+        _baselines(args, task)
+        return
+    summary = _evaluate_rule(args, task)
     if args.format == "json":
         print(json.dumps(summary))
         return
@@ -118,9 +149,10 @@ def _evaluate_command(args: argparse.Namespace) -> None:
 
 
 def add_evaluate(command: argparse.ArgumentParser) -> None:
-    command.add_argument("rule", nargs="?", help="a DSL rule, quoted as one argument")
-    command.add_argument("--dataset", default="fashion-mnist", help=" | ".join(datasets.DATASETS))
-    command.add_argument("--protocol", default="quick", help=" | ".join(PROTOCOLS))
+    command.add_argument(
+        "rule", nargs="?", help="a DSL rule, quoted as one argument, or a preset name"
+    )
+    add_task_options(command)
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     command.add_argument("--store", help=f"reward store (default: {default_store()})")
@@ -153,8 +185,9 @@ def _calibrate_command(args: argparse.Namespace) -> None:
     from nos_sym.controller.space import SPACES, get_space
     from nos_sym.evaluation import calibrate
 
-    _check_dataset(args.dataset)
-    protocols = [get_protocol(name) for name in _names(args.protocols, PROTOCOLS, "protocol")]
+    task = task_from(args)
+    known = {**PROTOCOLS, **task.protocols}
+    protocols = [task.protocol(name) for name in _names(args.protocols, known, "protocol")]
     if len(protocols) < 2:
         raise CommandError(
             "--protocols needs at least two protocols: the cheaper ones, then the truth"
@@ -173,7 +206,6 @@ def _calibrate_command(args: argparse.Namespace) -> None:
         raise CommandError(f"--space {args.space} --random {args.random}: {error}") from None
     if len(rules) < 2:
         raise CommandError(f"calibration needs at least two rules, got {len(rules)}")
-    datasets.load(args.dataset)  # a missing dataset: one clear error, before training
     output = Path(args.output)
     try:  # an output that cannot be written: before paying for anything
         output.mkdir(parents=True, exist_ok=True)
@@ -186,7 +218,7 @@ def _calibrate_command(args: argparse.Namespace) -> None:
             rules,
             protocols,
             args.seeds,
-            dataset=args.dataset,
+            task=task,
             store=store,
             device=args.device,
             progress=progress,
@@ -195,8 +227,9 @@ def _calibrate_command(args: argparse.Namespace) -> None:
         [
             "nos-sym",
             "calibrate",
-            "--dataset",
-            args.dataset,
+            "--task",
+            args.task,
+            *(["--dataset", args.dataset] if args.dataset else []),
             "--protocols",
             args.protocols,
             "--seeds",
@@ -231,7 +264,7 @@ def add_calibrate(command: argparse.ArgumentParser) -> None:
     from nos_sym.controller.space import SPACES
     from nos_sym.evaluation.calibrate import REFERENCE_PRESETS
 
-    command.add_argument("--dataset", default="fashion-mnist", help=" | ".join(datasets.DATASETS))
+    add_task_options(command, protocol=False)
     command.add_argument(
         "--protocols",
         default="quick,paper",

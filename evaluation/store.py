@@ -1,4 +1,4 @@
-"""The reward store: one SQLite row per evaluated (rule key, protocol, data set, seed).
+"""The reward store: one SQLite row per evaluated (rule key, protocol, task, seed).
 
 Many worker processes share one store file. Each opens its own :class:`RewardStore` (its own
 connection); SQLite in WAL mode lets readers run beside one writer, every write is a short
@@ -15,6 +15,16 @@ type inside a :class:`Record`. :meth:`RewardStore.wait` is the one way to wait f
 evaluation, and a :class:`LeaseKeeper` renews the claims of evaluations still running, from a
 thread of its own, so a candidate that trains for longer than its lease (a task may take hours)
 is never claimed again and paid twice.
+
+A reward's task is its :attr:`~nos_sym.tasks.base.Task.identity` (``name@version/hash``); the
+``tasks`` table says what each identity is (name, version, configuration as JSON).
+
+Schema versions: 1 (before tasks) named the data set of the child ConvNet where version 2 names the
+task. Opening a version-1 store migrates it in one transaction (:func:`_migrate_v1`): the column
+``dataset`` becomes ``task``, each row's data set *D* becomes the identity of the task
+``child`` on *D* (the same computation, so its rewards stay valid and are reused), the ``test``
+and ``curve`` columns are added, and the ``tasks`` table is created and filled. A store of a
+newer version than this nos_sym reads is refused.
 
 Everything is stored as SQL values or JSON text; nothing is pickled. Finished rows are never
 overwritten or deleted by this module. A file that is not a reward store (not SQLite, or another
@@ -59,16 +69,22 @@ STATUSES: tuple[str, ...] = ("running", *outcome.STATUSES)
 """The states of a row: ``running`` while a worker holds its lease, then a result's status."""
 FINISHED_STATUSES: frozenset[str] = frozenset(outcome.STATUSES)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4E4F5352  # "NOSR": marks the file as a nos_sym reward store
 DEFAULT_BUSY_TIMEOUT_SECONDS = 60.0
+
+_TASKS_TABLE = """
+CREATE TABLE tasks (
+    identity    TEXT PRIMARY KEY,
+    description TEXT NOT NULL  -- JSON {"name", "version", "config"}
+)"""
 
 _SCHEMA = (
     f"""
 CREATE TABLE rewards (
     key           TEXT    NOT NULL,
     protocol      TEXT    NOT NULL,
-    dataset       TEXT    NOT NULL,
+    task          TEXT    NOT NULL,
     seed          INTEGER NOT NULL,
     dsl           TEXT    NOT NULL,
     status        TEXT    NOT NULL CHECK (status IN ({", ".join(f"'{s}'" for s in STATUSES)})),
@@ -83,20 +99,33 @@ CREATE TABLE rewards (
     lease_expires REAL,   -- unix time
     created       REAL    NOT NULL,
     updated       REAL    NOT NULL,
-    PRIMARY KEY (key, protocol, dataset, seed),
+    test          REAL,   -- the final run's test metric, if the task reports one
+    curve         TEXT,   -- JSON [metric, ...] along the final run, if the task reports one
+    PRIMARY KEY (key, protocol, task, seed),
     CHECK ((status = 'running') = (reward IS NULL))
 )""",
-    "CREATE INDEX rewards_by_reward ON rewards (protocol, dataset, seed, status, reward DESC)",
+    "CREATE INDEX rewards_by_reward ON rewards (protocol, task, seed, status, reward DESC)",
+    _TASKS_TABLE,
 )
-"""Version 1. A later version may only add (tables, nullable columns, indexes): nothing stored
-is ever dropped or rewritten."""
+"""Version 2. A later version may only add (tables, nullable columns, indexes) or, as the
+migration from version 1 did, rename what it must in one transaction: no reward is ever lost."""
 
-_OUTCOME_COLUMNS = ("status", "reward", "best_lr", "sweep", "seconds", "device", "message")
+_OUTCOME_COLUMNS = (
+    "status",
+    "reward",
+    "best_lr",
+    "sweep",
+    "seconds",
+    "device",
+    "message",
+    "test",
+    "curve",
+)
 """The columns of an :class:`EvalResult` (``to_json`` names), in table order."""
 _ROW_COLUMNS = (
     "key",
     "protocol",
-    "dataset",
+    "task",
     "seed",
     "dsl",
     *_OUTCOME_COLUMNS,
@@ -105,7 +134,7 @@ _ROW_COLUMNS = (
     "updated",
 )
 _RECORD_COLUMNS = ", ".join(_ROW_COLUMNS)
-_PRIMARY_KEY = "key = ? AND protocol = ? AND dataset = ? AND seed = ?"
+_PRIMARY_KEY = "key = ? AND protocol = ? AND task = ? AND seed = ?"
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -119,13 +148,13 @@ class ClaimLostError(StoreError):
 
 @dataclass(frozen=True)
 class Record:
-    """A finished evaluation, one row of the store: its identity (rule key, protocol hash, data
-    set, seed), its :class:`EvalResult`, the caller's ``extra`` JSON and the row's timestamps
+    """A finished evaluation, one row of the store: its identity (rule key, protocol hash, task
+    identity, seed), its :class:`EvalResult`, the caller's ``extra`` JSON and the row's timestamps
     (unix time)."""
 
     key: str
     protocol: str
-    dataset: str
+    task: str
     seed: int
     result: EvalResult
     extra: dict[str, Any] | None
@@ -135,12 +164,12 @@ class Record:
 
 @dataclass(frozen=True)
 class Claim:
-    """The right to evaluate one (key, protocol, dataset, seed), held by ``owner`` until
+    """The right to evaluate one (key, protocol, task, seed), held by ``owner`` until
     ``lease_expires`` (unix time) or until another worker takes the expired lease over."""
 
     key: str
     protocol: str
-    dataset: str
+    task: str
     seed: int
     owner: str
     lease_seconds: float
@@ -198,13 +227,29 @@ class RewardStore:
 
     # --- reads -----------------------------------------------------------------------------------
 
-    def get(self, key: str, protocol: str, dataset: str, seed: int) -> Record | None:
+    def get(self, key: str, protocol: str, task: str, seed: int) -> Record | None:
         """The finished record for this evaluation, or None (absent or still running)."""
         row = self._db.execute(
             f"SELECT {_RECORD_COLUMNS} FROM rewards WHERE {_PRIMARY_KEY} AND status != 'running'",
-            (key, protocol, dataset, seed),
+            (key, protocol, task, seed),
         ).fetchone()
         return _record(row) if row else None
+
+    def tasks(self) -> dict[str, dict[str, Any]]:
+        """Every described task: identity → ``{"name", "version", "config"}``."""
+        rows = self._db.execute("SELECT identity, description FROM tasks ORDER BY identity")
+        return {identity: json.loads(text) for identity, text in rows}
+
+    def describe_task(self, identity: str, description: Mapping[str, Any]) -> None:
+        """Record what the task ``identity`` is (once; a known identity is left as it is)."""
+        text = json.dumps(dict(description), sort_keys=True, allow_nan=False)
+        if self._db.execute("SELECT 1 FROM tasks WHERE identity = ?", (identity,)).fetchone():
+            return
+        with self._write() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO tasks (identity, description) VALUES (?, ?)",
+                (identity, text),
+            )
 
     # --- writes ----------------------------------------------------------------------------------
 
@@ -212,14 +257,14 @@ class RewardStore:
         self,
         key: str,
         protocol: str,
-        dataset: str,
+        task: str,
         seed: int,
         *,
         dsl: str,
         owner: str,
         lease_seconds: float = 3600.0,
     ) -> Record | Claim | None:
-        """Atomically decide who evaluates this (key, protocol, dataset, seed).
+        """Atomically decide who evaluates this (key, protocol, task, seed).
 
         Returns the finished :class:`Record` if there is one; None if another owner holds a
         lease that has not expired; otherwise (no row, an expired lease, or a lease ``owner``
@@ -231,20 +276,20 @@ class RewardStore:
             row = db.execute(
                 f"SELECT status, lease_owner, lease_expires, created FROM rewards "
                 f"WHERE {_PRIMARY_KEY}",
-                (key, protocol, dataset, seed),
+                (key, protocol, task, seed),
             ).fetchone()
             now = time.time()
             if row is not None and row[0] != "running":
-                return self.get(key, protocol, dataset, seed)
+                return self.get(key, protocol, task, seed)
             if row is not None and row[1] != owner and row[2] > now:
                 return None
             db.execute(
-                "INSERT OR REPLACE INTO rewards (key, protocol, dataset, seed, dsl, status, "
+                "INSERT OR REPLACE INTO rewards (key, protocol, task, seed, dsl, status, "
                 "lease_owner, lease_expires, created, updated) "
                 "VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)",
-                (key, protocol, dataset, seed, dsl, owner, now + lease_seconds, now, now),
+                (key, protocol, task, seed, dsl, owner, now + lease_seconds, now, now),
             )
-        return Claim(key, protocol, dataset, seed, owner, lease_seconds, now + lease_seconds)
+        return Claim(key, protocol, task, seed, owner, lease_seconds, now + lease_seconds)
 
     def renew(self, claim: Claim, lease_seconds: float | None = None) -> Claim:
         """Extend the lease to now + ``lease_seconds`` (default: the claim's own length)."""
@@ -270,7 +315,7 @@ class RewardStore:
         self,
         key: str,
         protocol: str,
-        dataset: str,
+        task: str,
         seed: int,
         *,
         dsl: str,
@@ -281,7 +326,7 @@ class RewardStore:
         """:meth:`claim`, waiting (polling every ``every`` seconds) while another worker holds a
         live lease: the finished :class:`Record`, or a :class:`Claim` for ``owner`` once that
         lease is released or has expired (its worker stopped without a result)."""
-        identity = (key, protocol, dataset, seed)
+        identity = (key, protocol, task, seed)
         while (
             answer := self.claim(*identity, dsl=dsl, owner=owner, lease_seconds=lease_seconds)
         ) is None:
@@ -310,7 +355,7 @@ class RewardStore:
         self,
         key: str,
         protocol: str,
-        dataset: str,
+        task: str,
         seed: int,
         result: EvalResult,
         *,
@@ -322,16 +367,16 @@ class RewardStore:
         values = _outcome_values(result, extra)
         with self._write() as db:
             row = db.execute(
-                f"SELECT status FROM rewards WHERE {_PRIMARY_KEY}", (key, protocol, dataset, seed)
+                f"SELECT status FROM rewards WHERE {_PRIMARY_KEY}", (key, protocol, task, seed)
             ).fetchone()
             if row is None or row[0] == "running":
                 now = time.time()
                 db.execute(
                     f"INSERT OR REPLACE INTO rewards ({_RECORD_COLUMNS}) "
                     f"VALUES ({', '.join('?' * len(_ROW_COLUMNS))})",
-                    (key, protocol, dataset, seed, result.dsl, *values, now, now),
+                    (key, protocol, task, seed, result.dsl, *values, now, now),
                 )
-        record = self.get(key, protocol, dataset, seed)
+        record = self.get(key, protocol, task, seed)
         assert record is not None  # finished rows are never removed
         return record
 
@@ -381,6 +426,8 @@ class RewardStore:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif application_id != APPLICATION_ID:
                 raise StoreError(f"{self.path} is an SQLite file but not a nos_sym reward store")
+            elif version == 1:
+                _migrate_v1(db)
             elif version != SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path} has reward-store schema version {version}; this nos_sym reads "
@@ -394,13 +441,31 @@ class RewardStore:
         if row is None or tuple(row) != ("running", claim.owner):
             state = "no row" if row is None else f"status {row[0]!r}, lease owner {row[1]!r}"
             raise ClaimLostError(
-                f"claim on {claim.key} ({claim.protocol}, {claim.dataset}, seed {claim.seed}) "
+                f"claim on {claim.key} ({claim.protocol}, {claim.task}, seed {claim.seed}) "
                 f"is not held by {claim.owner!r} any more ({state})"
             )
 
 
+def _migrate_v1(db: sqlite3.Connection) -> None:
+    """Version 1 → 2, inside the caller's transaction (see the module docstring): every row of a
+    version-1 store is a reward of the task ``child`` (version 1) on its data set."""
+    from nos_sym.tasks.identity import description, task_identity
+
+    db.execute("ALTER TABLE rewards RENAME COLUMN dataset TO task")
+    db.execute("ALTER TABLE rewards ADD COLUMN test REAL")
+    db.execute("ALTER TABLE rewards ADD COLUMN curve TEXT")
+    db.execute(_TASKS_TABLE)
+    datasets = [row[0] for row in db.execute("SELECT DISTINCT task FROM rewards")]
+    for dataset in datasets:
+        identity = task_identity("child", 1, {"dataset": dataset})
+        db.execute("UPDATE rewards SET task = ? WHERE task = ?", (identity, dataset))
+        text = json.dumps(description("child", 1, {"dataset": dataset}), sort_keys=True)
+        db.execute("INSERT INTO tasks (identity, description) VALUES (?, ?)", (identity, text))
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 def _primary_key(claim: Claim) -> tuple[str, str, str, int]:
-    return claim.key, claim.protocol, claim.dataset, claim.seed
+    return claim.key, claim.protocol, claim.task, claim.seed
 
 
 def _check_header(path: Path) -> None:
@@ -424,6 +489,7 @@ def _outcome_values(result: EvalResult, extra: Mapping[str, Any] | None) -> tupl
     """The column values (outcome columns, then extra) of a result."""
     fields = result.to_json()
     fields["sweep"] = _to_json(fields["sweep"])
+    fields["curve"] = json.dumps(fields["curve"], allow_nan=False) if fields["curve"] else None
     return (*(fields[column] for column in _OUTCOME_COLUMNS), _to_json(extra))
 
 
@@ -433,9 +499,10 @@ def _to_json(value: Mapping[str, Any] | None) -> str | None:
 
 
 def _record(row: tuple[Any, ...]) -> Record:
-    key, protocol, dataset, seed, dsl, *values, extra, created, updated = row
+    key, protocol, task, seed, dsl, *values, extra, created, updated = row
     columns = dict(zip(_OUTCOME_COLUMNS, values, strict=True))
-    columns["sweep"] = None if columns["sweep"] is None else json.loads(columns["sweep"])
+    for name in ("sweep", "curve"):
+        columns[name] = None if columns[name] is None else json.loads(columns[name])
     # a NULL column (a row written without that field) reads as the field's default
     given = {name: value for name, value in columns.items() if value is not None}
     result = EvalResult.from_json(
@@ -444,7 +511,7 @@ def _record(row: tuple[Any, ...]) -> Record:
     return Record(
         key=key,
         protocol=protocol,
-        dataset=dataset,
+        task=task,
         seed=seed,
         result=result,
         extra=None if extra is None else json.loads(extra),

@@ -19,11 +19,14 @@ _EXPORTS = {
     "Rule": "nos_sym.dsl",
     "parse": "nos_sym.dsl",
     "draw_tree": "nos_sym.render",
+    "evaluate": "nos_sym.api",
+    "search": "nos_sym.api",
 }
-_MODULES = ("presets", "schedules", "sign_decay")
+_MODULES = ("presets", "schedules", "sign_decay", "tasks")
 
 if TYPE_CHECKING:
-    from nos_sym import presets, schedules, sign_decay
+    from nos_sym import presets, schedules, sign_decay, tasks
+    from nos_sym.api import evaluate, search
     from nos_sym.dsl import CANONICAL_VERSION, DSLSyntaxError, Rule, parse
     from nos_sym.render import draw_tree
     from nos_sym.sign_optim import AddSign, PowerSign
@@ -49,6 +52,9 @@ __all__ = [
     "Rule",
     "SymbolicOptimizer",
     "draw_tree",
+    "evaluate",
     "parse",
+    "search",
+    "tasks",
     "symbolic_update",
 ]

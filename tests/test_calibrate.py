@@ -153,7 +153,7 @@ def test_calibrate_end_to_end_then_nothing_paid_twice(tmp_path, tiny_protocols, 
     ]
     assert (out / "scatter-micro.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "calibration.md").read_text()
-    assert "nos-sym calibrate --dataset synthetic --protocols micro,tiny" in table
+    assert "nos-sym calibrate --task child --dataset synthetic --protocols micro,tiny" in table
     assert "4 rules" in table and "| micro |" in table and "| tiny |" in table
     report = json.loads((out / "calibration.json").read_text())
     assert report["truth"] == "tiny" and [s["protocol"] for s in report["stats"]] == [

@@ -33,6 +33,7 @@ from nos_sym.controller.search import (
 )
 from nos_sym.evaluation.outcome import EvalResult
 from nos_sym.evaluation.store import RewardStore
+from nos_sym.tasks.child import ChildTask
 
 NOS_SYM = str(Path(sys.executable).with_name("nos-sym"))
 # one group over a handful of tokens: duplicates are frequent; synthetic data: ~0.3 s a rule
@@ -501,7 +502,8 @@ def test_gpu_backend_plumbing(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(evaluator, "evaluate_batch", batch)
     backend = GpuBackend()
-    jobs = [Job(dsl=dsl, key=dsl, dataset="synthetic", protocol="quick", seed=3) for dsl in "ab"]
+    task = ChildTask(dataset="synthetic")
+    jobs = [Job(dsl=dsl, key=dsl, task=task, protocol="quick", seed=3) for dsl in "ab"]
     assert [future.result().reward for future in backend.submit(jobs)] == [0.5, 0.5]
     assert calls == [{"dataset": "synthetic", "protocol": "quick", "seed": 3, "device": "cuda"}]
     failed = backend.submit([*jobs, Job("boom", "boom", "synthetic", "quick", 3)])

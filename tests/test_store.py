@@ -18,6 +18,7 @@ import pytest
 
 from nos_sym.evaluation.outcome import EvalResult
 from nos_sym.evaluation.store import (
+    SCHEMA_VERSION,
     STATUSES,
     Claim,
     ClaimLostError,
@@ -61,7 +62,7 @@ def test_claim_complete_get_round_trip(store: RewardStore) -> None:
     )
     record = store.complete(claim, written, extra={"epochs": 5, "note": "ünïcode"})
     assert record == store.get(*RULE)
-    assert (record.key, record.protocol, record.dataset, record.seed) == RULE
+    assert (record.key, record.protocol, record.task, record.seed) == RULE
     assert record.result == written  # the same outcome, sweep keys and order included
     assert list(record.result.sweep) == list(sweep)
     assert record.extra == {"epochs": 5, "note": "ünïcode"}
@@ -82,31 +83,98 @@ def test_the_row_keeps_its_identity_and_json_round_trips(store: RewardStore) -> 
     assert EvalResult.from_json(text) == record.result
 
 
-def test_a_store_written_before_the_outcome_type_still_reads(tmp_path: Path) -> None:
-    """Rows as the old keyword API wrote them: sweep keys by ``f"{lr:g}"``, NULL columns."""
-    path = tmp_path / "old.sqlite"
-    RewardStore(path).close()
+V1_SCHEMA = (
+    """CREATE TABLE rewards (
+    key TEXT NOT NULL, protocol TEXT NOT NULL, dataset TEXT NOT NULL, seed INTEGER NOT NULL,
+    dsl TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'ok', 'diverged', 'degenerate', 'failed')),
+    reward REAL, best_lr REAL, sweep TEXT, seconds REAL, device TEXT, message TEXT, extra TEXT,
+    lease_owner TEXT, lease_expires REAL, created REAL NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (key, protocol, dataset, seed),
+    CHECK ((status = 'running') = (reward IS NULL)))""",
+    "CREATE INDEX rewards_by_reward ON rewards (protocol, dataset, seed, status, reward DESC)",
+    "PRAGMA application_id = 1313821522",
+    "PRAGMA user_version = 1",
+)
+"""The schema version 1 stores were written with (before tasks), verbatim."""
+
+
+def write_v1_store(path: Path) -> None:
+    """A version-1 store as the old code wrote it: sweep keys by ``f"{lr:g}"``, NULL columns, a
+    running row, two data sets."""
     with contextlib.closing(sqlite3.connect(path)) as db, db:
+        for statement in V1_SCHEMA:
+            db.execute(statement)
         db.execute(
             "INSERT INTO rewards (key, protocol, dataset, seed, dsl, status, reward, best_lr, "
             "sweep, seconds, device, message, extra, created, updated) VALUES "
-            "('k', 'p', 'd', 0, ?, 'ok', 0.75, 0.01, '{\"1e-05\": 0.1, \"10\": 0.2}', 1.5, "
-            "'cpu', '', NULL, 1.0, 2.0), "
-            "('g', 'p', 'd', 0, 'one one id id add', 'degenerate', 0.0, NULL, NULL, NULL, NULL, "
-            "'Δ ≡ 0', NULL, 1.0, 1.0)",
+            "('k', 'p', 'fashion-mnist', 0, ?, 'ok', 0.75, 0.01, "
+            "'{\"1e-05\": 0.1, \"10\": 0.2}', 1.5, 'cpu', '', '{\"run\": \"r\"}', 1.0, 2.0), "
+            "('g', 'p', 'synthetic', 0, 'one one id id add', 'degenerate', 0.0, NULL, NULL, NULL, "
+            "NULL, 'Δ ≡ 0', NULL, 1.0, 1.0)",
             (DSL,),
         )
-    with RewardStore(path) as store:
-        ok = store.get("k", "p", "d", 0).result
-        assert (ok.status, ok.reward, ok.best_lr, ok.sweep) == (
-            "ok",
-            0.75,
-            0.01,
-            {1e-05: 0.1, 10.0: 0.2},
+        db.execute(
+            "INSERT INTO rewards (key, protocol, dataset, seed, dsl, status, lease_owner, "
+            "lease_expires, created, updated) VALUES ('r', 'p', 'synthetic', 1, ?, 'running', "
+            "'w', 1.0, 1.0, 1.0)",
+            (DSL,),
         )
-        degenerate = store.get("g", "p", "d", 0).result
-        assert (degenerate.status, degenerate.sweep, degenerate.seconds) == ("degenerate", {}, 0.0)
-        assert (degenerate.device, degenerate.message) == ("", "Δ ≡ 0")
+
+
+def test_a_version_1_store_migrates_to_child_task_identities(tmp_path: Path) -> None:
+    """Every v1 row becomes a reward of the task ``child`` on its data set, values unchanged."""
+    from nos_sym.tasks import ChildTask
+
+    path = tmp_path / "v1.sqlite"
+    write_v1_store(path)
+    fashion, synthetic = (
+        ChildTask(dataset=name).identity for name in ("fashion-mnist", "synthetic")
+    )
+    for _ in range(2):  # the second open finds version 2: nothing to do
+        with RewardStore(path) as store:
+            record = store.get("k", "p", fashion, 0)
+            assert record is not None and record.extra == {"run": "r"}
+            ok = record.result
+            assert (ok.status, ok.reward, ok.best_lr, ok.sweep, ok.test, ok.curve) == (
+                "ok", 0.75, 0.01, {1e-05: 0.1, 10.0: 0.2}, None, (),
+            )  # fmt: skip
+            assert store.get("k", "p", "fashion-mnist", 0) is None  # the old name is gone
+            degenerate = store.get("g", "p", synthetic, 0).result
+            assert (degenerate.status, degenerate.sweep, degenerate.seconds) == (
+                "degenerate", {}, 0.0,
+            )  # fmt: skip
+            assert (degenerate.device, degenerate.message) == ("", "Δ ≡ 0")
+            assert isinstance(store.claim("r", "p", synthetic, 1, dsl=DSL, owner="x"), Claim)
+            store.release(store.claim("r", "p", synthetic, 1, dsl=DSL, owner="x"))
+            assert store.tasks() == {
+                fashion: ChildTask(dataset="fashion-mnist").describe(),
+                synthetic: ChildTask(dataset="synthetic").describe(),
+            }
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("SELECT COUNT(*) FROM rewards").fetchone()[0] == 2  # r: released
+
+
+def test_a_store_of_a_newer_nos_sym_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "v3.sqlite"
+    RewardStore(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("PRAGMA user_version = 3")
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="schema version 3"):
+        RewardStore(path)
+    assert path.read_bytes() == before
+
+
+def test_test_and_curve_round_trip(store: RewardStore) -> None:
+    claim = store.claim(*RULE, dsl=DSL, owner="worker-a")
+    written = result(reward=0.5, test=0.25, curve=(0.1, 0.4, 0.5))
+    record = store.complete(claim, written)
+    assert (record.result.test, record.result.curve) == (0.25, (0.1, 0.4, 0.5))
+    store.describe_task("t@1/x", {"name": "t", "version": 1, "config": {}})
+    store.describe_task("t@1/x", {"name": "other", "version": 9, "config": {}})  # first wins
+    assert store.tasks() == {"t@1/x": {"name": "t", "version": 1, "config": {}}}
 
 
 def test_put_keeps_the_first_result_and_supersedes_a_running_claim(store: RewardStore) -> None:

@@ -78,6 +78,11 @@ def get_task(spec: str | Task = DEFAULT_TASK, *, dataset: str | None = None) -> 
             raise TaskError(f"task {spec!r} is not a nos_sym Task (nor makes one)")
         return task
     name, *pairs = spec.split(",")
+    if "@" in name:
+        raise TaskError(
+            f"task {spec!r} is the identity of a task given from Python: pass that Task object "
+            "again (nos_sym.search(task=...))"
+        )
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}; known: {', '.join(TASKS)} (or module:attribute)")
     cls = _attribute(TASKS[name])

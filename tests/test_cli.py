@@ -121,6 +121,8 @@ def test_evaluate_json_is_memoized_in_the_store(tmp_path):
         "message",
         "protocol_hash",
         "seed",
+        "test",
+        "curve",
         "cached",
     }  # the EvalResult's to_json(), and whether it came from the store
     assert set(result["sweep"]) == {"0.001", "0.01", "0.1"}  # the quick protocol's rates

@@ -32,6 +32,7 @@ from nos_sym.controller.search import (
     status,
 )
 from nos_sym.evaluation.outcome import EvalResult
+from nos_sym.evaluation.protocol import PROTOCOLS
 from nos_sym.evaluation.store import RewardStore
 from nos_sym.tasks.child import ChildTask
 
@@ -505,7 +506,8 @@ def test_gpu_backend_plumbing(monkeypatch):
     task = ChildTask(dataset="synthetic")
     jobs = [Job(dsl=dsl, key=dsl, task=task, protocol="quick", seed=3) for dsl in "ab"]
     assert [future.result().reward for future in backend.submit(jobs)] == [0.5, 0.5]
-    assert calls == [{"dataset": "synthetic", "protocol": "quick", "seed": 3, "device": "cuda"}]
+    quick = PROTOCOLS["quick"]
+    assert calls == [{"dataset": "synthetic", "protocol": quick, "seed": 3, "device": "cuda"}]
     failed = backend.submit([*jobs, Job("boom", "boom", "synthetic", "quick", 3)])
     assert [future.result().status for future in failed] == ["failed"] * 3
     assert failed[0].result().message == "RuntimeError: boom"

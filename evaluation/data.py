@@ -17,7 +17,16 @@ from torch import Tensor
 from nos_sym.evaluation import datasets
 from nos_sym.evaluation.protocol import Protocol, epoch_order
 
-__all__ = ["Data", "compute_dtype", "load_dataset", "prepare", "prepared", "shuffled_epoch"]
+__all__ = [
+    "Data",
+    "compute_dtype",
+    "load_dataset",
+    "normalised",
+    "prepare",
+    "prepared",
+    "prepared_test",
+    "shuffled_epoch",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +51,28 @@ def compute_dtype(protocol: Protocol) -> torch.dtype:
     return torch.bfloat16 if protocol.precision == "bf16" else torch.float32
 
 
+def normalised(
+    dataset: datasets.Dataset, images: Tensor, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """uint8 ``images`` of ``dataset`` as ``(x/255 − mean)/std`` (its training split's per-channel
+    statistics), on ``device`` in ``dtype``."""
+    mean = torch.tensor(dataset.mean).view(1, -1, 1, 1)
+    std = torch.tensor(dataset.std).view(1, -1, 1, 1)
+    return ((images.float() / 255 - mean) / std).to(device, dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def prepared_test(
+    dataset: datasets.Dataset, examples: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """The first ``examples`` of the *test* split (all when it has fewer), normalised as the
+    training data: for reporting only, never for choosing anything."""
+    return (
+        normalised(dataset, dataset.test_x[:examples], device, dtype),
+        dataset.test_y[:examples].to(device),
+    )
+
+
 @functools.lru_cache(maxsize=4)
 def prepare(
     dataset: datasets.Dataset,
@@ -59,12 +90,9 @@ def prepare(
             f"{dataset.name}: the protocol trains on {pool} examples but only {len(train_idx)} "
             f"remain after holding out {n_valid}"
         )
-    mean = torch.tensor(dataset.mean).view(1, -1, 1, 1)
-    std = torch.tensor(dataset.std).view(1, -1, 1, 1)
 
     def images(indices: Tensor) -> Tensor:
-        x = (dataset.train_x[indices].float() / 255 - mean) / std
-        return x.to(device, dtype)
+        return normalised(dataset, dataset.train_x[indices], device, dtype)
 
     train_idx = train_idx[:pool]
     return Data(

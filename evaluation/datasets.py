@@ -57,6 +57,7 @@ __all__ = [
     "cache_dir",
     "download",
     "load",
+    "load_local",
     "split_digest",
     "validation_split",
 ]
@@ -180,20 +181,29 @@ def cache_dir() -> Path:
 
 def load(name: str, root: str | os.PathLike[str] | None = None) -> Dataset:
     """Load data set ``name`` from the first place that has it, downloading it if none does."""
-    if name == "synthetic":
-        return _make_dataset(name, _synthetic_arrays(), SYNTHETIC_CLASSES, _synthetic_source())
+    local = load_local(name, root)
+    if local is not None:
+        return local
     spec = _spec(name)
-    places = _search_places(name, root)
-    for _, directory in places:
-        if directory is not None and (arrays := spec.read(directory)) is not None:
-            return _make_dataset(name, arrays, spec.classes, str(directory))
     if _offline():
-        raise DatasetError(_missing_message(name, places))
+        raise DatasetError(_missing_message(name, _search_places(name, root)))
     directory = download(name)
     arrays = spec.read(directory)
     if arrays is None:
         raise DatasetError(f"{name}: downloaded to {directory} but the files are not there")
     return _make_dataset(name, arrays, spec.classes, str(directory))
+
+
+def load_local(name: str, root: str | os.PathLike[str] | None = None) -> Dataset | None:
+    """Load data set ``name`` from the first place that has it, or None if none does: never
+    downloads (whatever ``NOS_OFFLINE`` says)."""
+    if name == "synthetic":
+        return _make_dataset(name, _synthetic_arrays(), SYNTHETIC_CLASSES, _synthetic_source())
+    spec = _spec(name)
+    for _, directory in _search_places(name, root):
+        if directory is not None and (arrays := spec.read(directory)) is not None:
+            return _make_dataset(name, arrays, spec.classes, str(directory))
+    return None
 
 
 def download(name: str) -> Path:

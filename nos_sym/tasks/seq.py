@@ -64,6 +64,7 @@ __all__ = [
     "bleu",
     "corpus",
     "sentence_pair",
+    "tokens",
 ]
 
 PAD, BOS, EOS = 0, 1, 2
@@ -279,7 +280,9 @@ class Seq2Seq(nn.Module):
 
     def decode(self, memory: Tensor, source: Tensor, target: Tensor) -> Tensor:
         """Next-token logits ``[B, T, V]`` after each prefix of ``target`` ``[B, T]``."""
-        causal = nn.Transformer.generate_square_subsequent_mask(target.shape[1], dtype=memory.dtype)
+        causal = nn.Transformer.generate_square_subsequent_mask(
+            target.shape[1], device=memory.device, dtype=memory.dtype
+        )
         hidden = self.decoder(
             self._embed(self.target_embedding, target),
             memory,
@@ -300,8 +303,8 @@ class Seq2Seq(nn.Module):
     def greedy(self, source: Tensor, max_len: int) -> list[list[int]]:
         """Greedy decodes of ``source`` ``[B, S]``: the ids up to (without) ``</s>``."""
         memory = self.encode(source)
-        out = torch.full((source.shape[0], 1), BOS, dtype=torch.long)
-        done = torch.zeros(source.shape[0], dtype=torch.bool)
+        out = torch.full((source.shape[0], 1), BOS, dtype=torch.long, device=source.device)
+        done = torch.zeros(source.shape[0], dtype=torch.bool, device=source.device)
         for _ in range(max_len - 1):
             step = self.decode(memory, source, out)[:, -1].argmax(-1).masked_fill(done, PAD)
             out = torch.cat((out, step[:, None]), dim=1)
@@ -401,7 +404,8 @@ class TranslationTask(Task):
         """BLEU of the greedy decodes of ``split`` (``valid`` or ``test``)."""
         data = self.corpus()
         model.eval()
-        decoded = model.greedy(data.source[split], data.target[split].shape[1])
+        source = data.source[split].to(model.output.weight.device)
+        decoded = model.greedy(source, data.target[split].shape[1])
         model.train()
         hypotheses = [_detokenized(ids, data.target_vocab) for ids in decoded]
         return bleu(hypotheses, [target for _, target in data.text[split]])
@@ -418,13 +422,13 @@ class TranslationTask(Task):
         device: str = "cpu",
     ) -> TaskRun:
         data = self.corpus()
-        model = self.model(seed)
+        model = self.model(seed).to(device)
         params = list(model.parameters())
         optimizer = make_optimizer(params)
         examples = self._examples(protocol, final)
         per_epoch = max(1, examples // protocol.batch_size)
         points = {math.ceil(k * steps / self.curve_points) for k in range(1, self.curve_points + 1)}
-        source, target = data.source["train"], data.target["train"]
+        source, target = data.source["train"].to(device), data.target["train"].to(device)
         source_lengths, target_lengths = data.source_lengths["train"], data.target_lengths["train"]
         curve: list[float] = []
         order = torch.empty(0, dtype=torch.long)
@@ -433,9 +437,10 @@ class TranslationTask(Task):
             if batch == 0:
                 order = epoch_order(seed, epoch, examples)
             rows = order[batch * protocol.batch_size : (batch + 1) * protocol.batch_size]
+            on_device = rows.to(device)
             loss = model.loss(
-                source[rows, : int(source_lengths[rows].max())],
-                target[rows, : int(target_lengths[rows].max())],
+                source[on_device, : int(source_lengths[rows].max())],
+                target[on_device, : int(target_lengths[rows].max())],
             )
             if not torch.isfinite(loss):
                 return TaskRun(metric=0.0, diverged=True)

@@ -29,6 +29,14 @@ def test_sentence_pairs_follow_the_grammar():
         assert words[-2].endswith(("at", "ant", "it", "int"))  # the verb comes last (SOV)
 
 
+def test_the_documented_sample_pair_is_in_the_default_training_split():
+    pair = (
+        "two small happy farmers did not like the lamb behind a white queen.",
+        "du gosun piki feli unar sira blanka post len agno ne amint.",
+    )
+    assert pair in S.TranslationTask().corpus().text["train"]
+
+
 def test_data_is_deterministic_and_splits_disjoint():
     first = S.corpus(5, 300, 50, 50)
     S.corpus.cache_clear()

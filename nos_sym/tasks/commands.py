@@ -298,7 +298,7 @@ def _transfer_command(args: argparse.Namespace) -> None:
             args.task,
             *(["--dataset", args.dataset] if args.dataset else []),
             "--protocol",
-            protocol.name,
+            args.protocol or task.default_protocol,
             *(["--lrs", *map(str, args.lrs)] if args.lrs else []),
             "--baselines",
             *args.baselines,

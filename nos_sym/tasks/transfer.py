@@ -51,9 +51,12 @@ __all__ = [
     "Row",
     "Transfer",
     "contenders",
+    "cores",
+    "latex_escape",
     "latex_table",
     "machine",
     "markdown_table",
+    "mean_std",
     "measure",
     "plot_curves",
     "row",
@@ -266,7 +269,14 @@ def _ok(item: Row, seeds: int) -> str:
     return f"{item.ok}/{seeds}" + (f" ({'; '.join(item.flags)})" if item.flags else "")
 
 
-HEADER = ("optimizer", "final validation", "best validation", "test", "lr per seed", "ok seeds")
+HEADER: tuple[str, ...] = (
+    "optimizer",
+    "final validation",
+    "best validation",
+    "test",
+    "lr per seed",
+    "ok seeds",
+)
 
 
 def markdown_table(rows: Sequence[Row], seeds: int) -> str:
@@ -338,7 +348,7 @@ def machine() -> str:
 
 def plot_curves(transfer: Transfer, path: Path) -> None:
     """Each optimizer's validation curve of its final run: the mean over its ok seeds (cut to
-    the shortest) with a min–max band; baselines dashed and black-toned."""
+    the shortest) with a min–max band; baselines black, dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,26 +357,23 @@ def plot_curves(transfer: Transfer, path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(9, 5.5))
     colours = plt.get_cmap("tab20")
-    greys = iter(("black", "0.35", "0.55", "0.75", "0.2", "0.45"))
-    drawn = 0
-    for index, (contender, results) in enumerate(
-        zip(transfer.contenders, transfer.results, strict=True)
-    ):
+    dashes = ("--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
+    drawn = baselines = rules = 0
+    for contender, results in zip(transfer.contenders, transfer.results, strict=True):
         curves = [r.curve for r in results if r.status == "ok" and r.curve]
         if not curves:
             continue
         length = min(map(len, curves))
         stack = np.array([curve[:length] for curve in curves], dtype=float)
         steps = np.arange(1, length + 1)
-        style = (
-            {"color": next(greys, "0.5"), "linestyle": "--", "linewidth": 2.0}
-            if contender.baseline
-            else {"color": colours(index % 20), "linewidth": 1.2}
-        )
-        axes.plot(steps, stack.mean(axis=0), label=contender.name, **style)
-        axes.fill_between(
-            steps, stack.min(axis=0), stack.max(axis=0), alpha=0.15, **{"color": style["color"]}
-        )
+        if contender.baseline:  # black, each its own dashes
+            colour, style = "black", dashes[baselines % len(dashes)]
+            baselines += 1
+        else:
+            colour, style = colours(rules % 20), "-"
+            rules += 1
+        axes.plot(steps, stack.mean(axis=0), color=colour, linestyle=style, label=contender.name)
+        axes.fill_between(steps, stack.min(axis=0), stack.max(axis=0), color=colour, alpha=0.12)
         drawn += 1
     if drawn:
         axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

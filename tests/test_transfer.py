@@ -148,6 +148,14 @@ def test_a_diverged_seed_counts_as_zero_and_is_flagged(tmp_path: Path) -> None:
     assert seeds[1]["final_validation"] == 0.0 and seeds[1]["status"] == "diverged"
 
 
+def test_a_degenerate_rule_is_flagged_with_test_zero(tmp_path: Path) -> None:
+    assert transfer(tmp_path, "--rules", "powersign", "one one id id add", "--baselines") == 0
+    powersign, degenerate = table_lines((tmp_path / "transfer.md").read_text())[2:]
+    assert cells(powersign)[-1] == "2/2"
+    assert cells(degenerate)[1:4] == ["0.0000 ± 0.0000"] * 3
+    assert cells(degenerate)[-1] == "0/2 (seed 0: degenerate; seed 1: degenerate)"
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

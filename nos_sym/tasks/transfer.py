@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nos_sym.evaluation.outcome import EvalResult
+from nos_sym.evaluation.outcome import EvalResult, sweep_to_json
 from nos_sym.evaluation.protocol import Protocol
 from nos_sym.presets import TABLE1, resolve
 
@@ -216,15 +216,23 @@ class Row:
     flags: tuple[str, ...]
 
 
-def row(contender: Contender, seeds: Sequence[int], results: Sequence[EvalResult]) -> Row:
-    """The table row of ``contender`` from its per-seed ``results``."""
+def row(
+    contender: Contender,
+    seeds: Sequence[int],
+    results: Sequence[EvalResult],
+    reports_test: bool | None = None,
+) -> Row:
+    """The table row of ``contender`` from its per-seed ``results``; ``reports_test`` says
+    whether the task reports a test metric (None: whether one of these results has one), so
+    that a row whose every seed failed shows test 0, not none."""
     ok = [result.status == "ok" for result in results]
     final = tuple(result.reward for result in results)
     best = tuple(
         max(result.curve) if good and result.curve else result.reward
         for result, good in zip(results, ok, strict=True)
     )
-    reports_test = any(result.test is not None for result in results)
+    if reports_test is None:
+        reports_test = any(result.test is not None for result in results)
     test = (
         tuple(
             (result.test or 0.0) if good else 0.0 for result, good in zip(results, ok, strict=True)
@@ -395,7 +403,7 @@ def _seed_json(seed: int, result: EvalResult, item: Row, index: int) -> dict[str
         "best_validation": item.best[index],
         "test": None if item.test is None else item.test[index],
         "best_lr": result.best_lr,
-        "sweep": {f"{lr:g}": value for lr, value in result.sweep.items()},
+        "sweep": sweep_to_json(result.sweep),
         "curve": list(result.curve),
         "seconds": result.seconds,
         "message": result.message,
@@ -421,8 +429,9 @@ def write(
 ) -> list[Row]:
     """Write ``transfer.md``, ``transfer.tex``, ``transfer.json`` and ``curves.png`` into
     ``output``; returns the table's rows."""
+    reports_test = any(r.test is not None for results in transfer.results for r in results)
     rows = [
-        row(contender, transfer.seeds, results)
+        row(contender, transfer.seeds, results, reports_test)
         for contender, results in zip(transfer.contenders, transfer.results, strict=True)
     ]
     n = len(transfer.seeds)

@@ -188,16 +188,17 @@ def measure(
             initargs=(max(1, cores() // workers),),
         ) as pool:
             futures = {pool.submit(_evaluate, *args(i, j)): (i, j) for i, j in jobs}
-            for future in as_completed(futures):
-                answers[futures[future]] = future.result()
-                done()
+            try:
+                for future in as_completed(futures):
+                    answers[futures[future]] = future.result()
+                    done()
+            except BaseException:  # stop: what finished is stored, the rest is not started
+                pool.shutdown(cancel_futures=True)
+                raise
     results = tuple(tuple(answers[i, j][0] for j in range(len(seeds))) for i in range(len(items)))
-    cached = [answer[1] for answer in answers.values()]
-    trained = sum(
-        not hit and answers[key][0].status != "degenerate"
-        for key, hit in zip(answers, cached, strict=True)
-    )
-    return Transfer(tuple(items), tuple(seeds), results, trained, sum(cached))
+    trained = sum(not hit and r.status != "degenerate" for r, hit in answers.values())
+    from_store = sum(hit for _, hit in answers.values())
+    return Transfer(tuple(items), tuple(seeds), results, trained, from_store)
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "nos_sym.tasks.commands:add_rosenbrock",
         "run rules on the 2-D Rosenbrock function (paper Figure 6): table, JSON, figures",
     ),
+    "transfer": (
+        "nos_sym.tasks.commands:add_transfer",
+        "baselines and rules on a bigger task (paper Table 1): Markdown, LaTeX, JSON, curves",
+    ),
 }
 """Sub-command → (``module:function`` that defines its arguments, given its parser; help). A
 command's module is imported only when that command runs, so ``nos-sym parse`` starts without

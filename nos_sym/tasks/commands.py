@@ -1,5 +1,6 @@
-"""``nos-sym rosenbrock``: rules on the Rosenbrock function (the paper's Figure 6), as a
-Markdown table, JSON and two figures (trajectories over the contour, loss curves)."""
+"""The task commands: ``nos-sym rosenbrock`` (rules on the Rosenbrock function, the paper's
+Figure 6: a Markdown table, JSON and two figures) and ``nos-sym transfer`` (baselines and rules
+on a bigger task, the paper's Table 1: Markdown, LaTeX, JSON and the curves)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from nos_sym.dsl import Rule
+    from nos_sym.evaluation.protocol import Protocol
+    from nos_sym.tasks.base import Task
     from nos_sym.tasks.rosenbrock import Best
 
 _TABLE = "rosenbrock.md"
@@ -66,17 +69,12 @@ def _check(args: argparse.Namespace) -> list[tuple[float, float]]:
 
 
 def _rosenbrock_command(args: argparse.Namespace) -> None:
-    from nos_sym.errors import CommandError
     from nos_sym.presets import resolve
     from nos_sym.tasks import rosenbrock as R
 
     starts = _check(args)
     rules = {name: resolve(name) for name in args.rules}  # every bad rule fails before any run
-    output = Path(args.output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CommandError(f"cannot create {output}: {error.strerror or error}") from None
+    output = output_directory(args.output)
     began = time.perf_counter()
     results = {}
     for name, rule in rules.items():
@@ -180,3 +178,166 @@ def plot(results: dict[str, Best], starts: list[tuple[float, float]], output: Pa
     for figure, name in ((paths, _PATHS), (losses, _LOSSES)):
         figure.savefig(output / name, dpi=72, pil_kwargs={"optimize": True})
         plt.close(figure)
+
+
+def output_directory(path: str) -> Path:
+    """The output directory ``path``, created, or a one-line :class:`CommandError` when it
+    cannot be created or written."""
+    import os
+
+    from nos_sym.errors import CommandError
+
+    output = Path(path)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(f"cannot create {output}: {error.strerror or error}") from None
+    if not os.access(output, os.W_OK):
+        raise CommandError(f"cannot write {output}: permission denied")
+    return output
+
+
+def add_transfer(command: argparse.ArgumentParser) -> None:
+    """The ``transfer`` sub-command's arguments."""
+    from nos_sym.evaluation.commands import add_task_options
+    from nos_sym.tasks.transfer import BASELINE_NAMES, DEFAULT_RULES
+
+    add_task_options(command)
+    command.set_defaults(task="wrn")  # the paper's Table 1 model (help: --task)
+    command.add_argument(
+        "--rules",
+        nargs="+",
+        default=list(DEFAULT_RULES),
+        metavar="RULE",
+        help="preset names or DSL rules, after the baselines "
+        f"{', '.join(BASELINE_NAMES)} (default: PowerSign/AddSign with and without decays, "
+        "then the paper's Table 1 rules)",
+    )
+    command.add_argument(
+        "--baselines",
+        nargs="*",
+        default=list(BASELINE_NAMES),
+        metavar="NAME",
+        help=f"torch.optim baselines listed first (default: {' '.join(BASELINE_NAMES)})",
+    )
+    command.add_argument(
+        "--lrs", type=float, nargs="+", help="learning rates of the sweep (default: the protocol's)"
+    )
+    command.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    command.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="evaluations at once, in spawned processes sharing the cores (default 1)",
+    )
+    command.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    command.add_argument("--store", help="reward store (default: DIR/store.sqlite)")
+    command.add_argument("-o", "--output", required=True, help="output directory DIR")
+    command.set_defaults(run=_transfer_command)
+
+
+def _transfer_protocol(args: argparse.Namespace, task: Task) -> Protocol:
+    """The task's protocol, its learning rates replaced by ``--lrs`` (a new hash)."""
+    import dataclasses
+
+    from nos_sym.errors import CommandError
+
+    protocol = task.protocol(args.protocol)
+    if not args.lrs:
+        return protocol
+    try:
+        return dataclasses.replace(protocol, learning_rates=tuple(args.lrs))
+    except ValueError as error:
+        raise CommandError(f"--lrs: {error}") from None
+
+
+def _check_transfer(args: argparse.Namespace, task: Task, protocol: Protocol) -> None:
+    """What can be wrong in the options before training: seeds, baselines, workers (the task
+    must pickle to reach them)."""
+    import pickle
+
+    from nos_sym.errors import CommandError
+    from nos_sym.evaluation.baselines import BASELINES
+
+    if len(set(args.seeds)) != len(args.seeds):
+        raise CommandError(f"--seeds has a seed twice: {args.seeds}")
+    unknown = [name for name in args.baselines if name not in BASELINES]
+    if unknown:
+        raise CommandError(f"unknown baseline {unknown[0]!r} (known: {', '.join(BASELINES)})")
+    if args.workers < 1:
+        raise CommandError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1:
+        try:
+            pickle.dumps((task, protocol))
+        except Exception as error:  # what pickling a user's object raises is not ours to know
+            raise CommandError(
+                f"--workers {args.workers}: task {task.name!r} cannot be sent to worker "
+                f"processes (define it at module level): {error}"
+            ) from None
+
+
+def _transfer_command(args: argparse.Namespace) -> None:
+    import datetime
+    import shlex
+
+    from nos_sym.evaluation.commands import progress_bar, task_from
+    from nos_sym.tasks import transfer as T
+
+    task = task_from(args)
+    protocol = _transfer_protocol(args, task)
+    _check_transfer(args, task, protocol)
+    items = T.contenders(args.rules, args.baselines)  # a bad rule fails before anything trains
+    output = output_directory(args.output)
+    store = Path(args.store) if args.store else output / "store.sqlite"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(
+        [
+            "nos-sym",
+            "transfer",
+            "--task",
+            args.task,
+            *(["--dataset", args.dataset] if args.dataset else []),
+            "--protocol",
+            args.protocol or task.default_protocol,
+            *(["--lrs", *map(str, args.lrs)] if args.lrs else []),
+            "--baselines",
+            *args.baselines,
+            "--rules",
+            *args.rules,
+            "--seeds",
+            *map(str, args.seeds),
+            "--workers",
+            str(args.workers),
+            *(["--device", args.device] if args.device != "cpu" else []),
+            *(["--store", str(store)] if args.store else []),
+            "-o",
+            str(output),
+        ]
+    )  # every option spelt out: the exact command, whatever the defaults become
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    began = time.perf_counter()
+    with progress_bar("transfer") as progress:
+        measured = T.measure(
+            items,
+            args.seeds,
+            task=task,
+            protocol=protocol,
+            store_path=store,
+            workers=args.workers,
+            device=args.device,
+            progress=progress,
+        )
+    rows = T.write(
+        measured,
+        output,
+        task=task,
+        protocol=protocol,
+        command=command,
+        date=date,
+        seconds=time.perf_counter() - began,
+    )
+    print(T.markdown_table(rows, len(args.seeds)), end="")
+    print(
+        f"{len(items)} optimizers × {len(args.seeds)} seeds: {measured.trained} trained, "
+        f"{measured.from_store} from the store; written to {output}"
+    )

@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +45,13 @@ from nos_sym.evaluation import datasets
 from nos_sym.evaluation.child import ChildNet, StackedChild, init_child
 from nos_sym.evaluation.data import Data, prepared, shuffled_epoch
 from nos_sym.evaluation.outcome import STATUSES, EvalResult, Status, best_lr, scored
-from nos_sym.evaluation.protocol import Protocol, derived_seed, get_protocol
+from nos_sym.evaluation.protocol import (
+    Protocol,
+    autocast,
+    derived_seed,
+    get_protocol,
+    memory_format,
+)
 from nos_sym.presets import resolve
 from nos_sym.symbolic_optim import SymbolicOptimizer, symbolic_update
 
@@ -84,14 +89,6 @@ DEFAULT_MAX_MODELS = {"cuda": 1_024, "cpu": 32}
 # --- the child ---------------------------------------------------------------------------------
 
 
-def _memory_format(protocol: Protocol) -> torch.memory_format:
-    return (
-        torch.channels_last
-        if protocol.memory_format == "channels_last"
-        else torch.contiguous_format
-    )
-
-
 @functools.lru_cache(maxsize=4)
 def _initial_child(shape: tuple[int, int, int], classes: int, seed: int) -> ChildNet:
     return init_child(shape, classes, seed)
@@ -102,16 +99,10 @@ def _model(
 ) -> StackedChild:
     """``copies`` children, all with the initialisation drawn from ``seed``."""
     child = _initial_child(data.shape, data.classes, seed)
-    return StackedChild(child, copies, device, _memory_format(protocol))
+    return StackedChild(child, copies, device, memory_format(protocol))
 
 
 # --- training ------------------------------------------------------------------------------------
-
-
-def _autocast(protocol: Protocol, device: torch.device):
-    if protocol.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _train_and_score(
@@ -131,7 +122,7 @@ def _train_and_score(
     for epoch in range(epochs):
         xs, ys = shuffled_epoch(data, seed, epoch, examples)
         for start in range(0, examples - batch + 1, batch):
-            with _autocast(protocol, xs.device):
+            with autocast(protocol, xs.device):
                 losses = model.losses(xs[start : start + batch], ys[start : start + batch])
             model.params.grad = None
             losses.sum().backward()
@@ -156,7 +147,7 @@ def _accuracy(model: StackedChild, data: Data, protocol: Protocol) -> Tensor:
     batch = max(protocol.batch_size, EVAL_MODEL_EXAMPLES // model.copies)
     correct = torch.zeros(model.copies, dtype=torch.long, device=data.valid_y.device)
     for start in range(0, len(data.valid_y), batch):
-        with _autocast(protocol, data.valid_x.device):
+        with autocast(protocol, data.valid_x.device):
             correct += model.correct(
                 data.valid_x[start : start + batch], data.valid_y[start : start + batch]
             )

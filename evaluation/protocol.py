@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +133,22 @@ def epoch_order(seed: int, epoch: int, examples: int) -> torch.Tensor:
     the pool: the same for every learning rate and the final run."""
     generator = torch.Generator().manual_seed(derived_seed(seed, "order", epoch))
     return torch.randperm(examples, generator=generator)
+
+
+def memory_format(protocol: Protocol) -> torch.memory_format:
+    """The torch memory format of the protocol's activations."""
+    return (
+        torch.channels_last
+        if protocol.memory_format == "channels_last"
+        else torch.contiguous_format
+    )
+
+
+def autocast(protocol: Protocol, device: torch.device) -> AbstractContextManager:
+    """The precision context of a forward pass: bf16 autocast on ``device``, or nothing."""
+    if protocol.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def get_protocol(name: str | Protocol) -> Protocol:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from nos_sym.evaluation import datasets
 from nos_sym.evaluation.data import load_dataset, prepared, prepared_test, shuffled_epoch
 from nos_sym.evaluation.evaluator import DIVERGENCE_CHECK_EVERY, EVAL_MODEL_EXAMPLES
-from nos_sym.evaluation.protocol import Protocol
+from nos_sym.evaluation.protocol import Protocol, autocast, memory_format
 from nos_sym.tasks.base import MakeOptimizer, Task, TaskRun
 
 __all__ = [
@@ -178,11 +178,7 @@ class WideResNetTask(Task):
     ) -> TaskRun:
         target = torch.device(device)
         data = prepared(self.dataset, protocol, target)
-        memory = (
-            torch.channels_last
-            if protocol.memory_format == "channels_last"
-            else torch.contiguous_format
-        )
+        memory = memory_format(protocol)
         model = WideResNet(self.depth, self.width, data.shape, data.classes)
         model.load_state_dict(
             _initial_state(self.depth, self.width, data.shape, data.classes, seed)
@@ -190,15 +186,13 @@ class WideResNetTask(Task):
         model.to(target, memory_format=memory)
         params = list(model.parameters())
         optimizer = make_optimizer(params)
-        autocast = functools.partial(
-            torch.autocast, target.type, torch.bfloat16, protocol.precision == "bf16"
-        )
+        precision = functools.partial(autocast, protocol, target)
 
         def accuracy(x: Tensor, y: Tensor) -> float:
             """Accuracy on ``(x, y)`` in eval mode (the batch-norm running statistics)."""
             model.eval()
             correct = torch.zeros((), dtype=torch.long, device=target)
-            with torch.inference_mode(), autocast():
+            with torch.inference_mode(), precision():
                 for start in range(0, len(y), EVAL_MODEL_EXAMPLES):
                     batch = x[start : start + EVAL_MODEL_EXAMPLES]
                     logits = model(batch.contiguous(memory_format=memory))
@@ -217,7 +211,7 @@ class WideResNetTask(Task):
         for step in range(1, steps + 1):
             epoch, first = divmod((step - 1) * batch, batches * batch)
             xs, ys = shuffled_epoch(data, seed, epoch, examples)
-            with autocast():
+            with precision():
                 logits = model(xs[first : first + batch].contiguous(memory_format=memory))
                 loss = F.cross_entropy(logits, ys[first : first + batch])
             optimizer.zero_grad(set_to_none=True)

@@ -72,6 +72,10 @@ FINISHED_STATUSES: frozenset[str] = frozenset(outcome.STATUSES)
 SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4E4F5352  # "NOSR": marks the file as a nos_sym reward store
 DEFAULT_BUSY_TIMEOUT_SECONDS = 60.0
+DEFAULT_LEASE_SECONDS = 300.0
+"""A claim's lease. Every evaluation in flight is renewed by a :class:`LeaseKeeper` each third of
+it, so a long evaluation keeps its claim, and a crashed worker's claim is free again within five
+minutes (a rerun of a killed command waits at most that long for it)."""
 
 _TASKS_TABLE = """
 CREATE TABLE tasks (
@@ -262,7 +266,7 @@ class RewardStore:
         *,
         dsl: str,
         owner: str,
-        lease_seconds: float = 3600.0,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ) -> Record | Claim | None:
         """Atomically decide who evaluates this (key, protocol, task, seed).
 
@@ -321,7 +325,7 @@ class RewardStore:
         dsl: str,
         owner: str,
         every: float = 1.0,
-        lease_seconds: float = 3600.0,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ) -> Record | Claim:
         """:meth:`claim`, waiting (polling every ``every`` seconds) while another worker holds a
         live lease: the finished :class:`Record`, or a :class:`Claim` for ``owner`` once that

@@ -184,42 +184,19 @@ def test_evaluate_entry_point_memoizes_and_a_version_bump_pays_again(tmp_path) -
 
 
 def test_search_entry_point_on_a_function_task_with_the_process_backend(tmp_path) -> None:
-    outcome = nos_sym.search(
-        task=QUADRATIC,
-        budget=4,
-        algo="random",
-        run_dir=tmp_path / "run",
-        space="small",
-        batch=2,
-        backend="process",
-        workers=2,
-    )
+    run = tmp_path / "run"
+    options = {"budget": 4, "algo": "random", "run_dir": run, "space": "small", "batch": 2}
+    outcome = nos_sym.search(task=QUADRATIC, backend="process", workers=2, **options)
     assert outcome.counts.evaluated == 4
     assert outcome.leaderboard and outcome.leaderboard[0]["reward"] > 0
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["task"] == QUADRATIC.identity
-    with RewardStore(tmp_path / "run" / "store.sqlite") as store:
+    assert json.loads((run / "config.json").read_text())["task"] == QUADRATIC.identity
+    with RewardStore(run / "store.sqlite") as store:
         assert store.tasks() == {QUADRATIC.identity: QUADRATIC.describe()}
-    again = nos_sym.search(  # resumed with the same object: nothing more to pay
-        task=QUADRATIC,
-        budget=4,
-        algo="random",
-        run_dir=tmp_path / "run",
-        space="small",
-        batch=2,
-        backend="inline",
-        workers=2,
-    )
+    # resumed with the same object: nothing more to pay
+    again = nos_sym.search(task=QUADRATIC, backend="inline", workers=2, **options)
     assert again.counts.evaluated == 4
     with pytest.raises(nos_sym.errors.SearchError, match=r"another config \(task: .quadratic@1/"):
-        nos_sym.search(
-            task=FunctionTask("quadratic", 2, quadratic),
-            budget=4,
-            algo="random",
-            run_dir=tmp_path / "run",
-            space="small",
-            batch=2,
-        )
+        nos_sym.search(task=FunctionTask("quadratic", 2, quadratic), **options)
 
 
 def test_a_run_directory_written_before_tasks_resumes_as_the_child(tmp_path) -> None:

@@ -20,6 +20,7 @@ from nos_sym.controller.rundir import (
     load_checkpoint,
     load_config,
     status,
+    status_rows,
 )
 from nos_sym.controller.search import SearchRun
 from nos_sym.controller.space import SPACES
@@ -147,13 +148,8 @@ def _status_command(args: argparse.Namespace) -> None:
     if args.format == "json":
         print(json.dumps(summary))
         return
-    for name, value in summary.items():
-        if name == "rungs":  # a --rungs run: one line per rung
-            for row in value:
-                counts = ", ".join(f"{k} {v}" for k, v in row.items() if k != "rung")
-                print(f"{'rung ' + str(row['rung']):>16}: {counts}")
-        else:
-            print(f"{name:>16}: {value}")
+    for name, value in status_rows(summary):
+        print(f"{name:>16}: {value}")
 
 
 def _report_command(args: argparse.Namespace) -> None:

@@ -62,7 +62,9 @@ __all__ = [
     "read_funnel",
     "read_log",
     "read_samples",
+    "reward_text",
     "status",
+    "status_rows",
     "steps",
 ]
 
@@ -374,25 +376,27 @@ def leaderboard(run_dir: str | Path, n: int = 10) -> list[dict[str, Any]]:
     return rows
 
 
+def reward_text(row: dict[str, Any]) -> str:
+    """A leaderboard row's reward: ``0.8123``, or in a funnel ``0.8123 ± 0.0040 (2: paper,
+    3 seeds)`` (mean ± std over the seeds of its highest rung, which names its protocol)."""
+    if "protocol" not in row:
+        return f"{row['reward']:.4f}"
+    seeds = len(row["seeds"])
+    return (
+        f"{row['reward']:.4f} ± {row['std']:.4f} ({row['rung']}: {row['protocol']}, "
+        f"{seeds} seed{'s' * (seeds > 1)})"
+    )
+
+
 def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
     """A :func:`leaderboard` as a Markdown table (the minimal DSL; ``|`` in Δ escaped, so
     absolute values do not split a cell); a funnel's rows show their protocol, mean ± std and
     number of seeds."""
-    funnel = any("protocol" in row for row in rows)
-    extra = " protocol | seeds |" if funnel else ""
-    lines = [
-        f"| # | rule | Δ | reward | status |{extra}",
-        "| --- | --- | --- | --- | --- |" + " --- | --- |" * funnel,
-    ]
+    lines = ["| # | rule | Δ | reward | status |", "| --- | --- | --- | --- | --- |"]
     for i, row in enumerate(rows, start=1):
         delta = row["latex"].replace("|", r"\|")
-        reward = f"{row['reward']:.4f}"
-        cells = ""
-        if funnel:
-            reward += f" ± {row['std']:.4f}"
-            cells = f" {row['rung']}: {row['protocol']} | {len(row['seeds'])} |"
         lines.append(
-            f"| {i} | `{row['minimal_dsl']}` | ${delta}$ | {reward} | {row['status']} |{cells}"
+            f"| {i} | `{row['minimal_dsl']}` | ${delta}$ | {reward_text(row)} | {row['status']} |"
         )
     return "\n".join(lines)
 
@@ -428,6 +432,19 @@ def status(run_dir: str | Path) -> dict[str, Any]:
         result["compute"] = round(funnel.spent() / unit, 6)
         result["budget"] = config.budget
     return result
+
+
+def status_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A :func:`status` summary as (name, value) rows; a funnel's rungs one row each."""
+    rows: list[tuple[str, Any]] = []
+    for name, value in summary.items():
+        if name != "rungs":
+            rows.append((name, value))
+            continue
+        for rung in value:
+            counts = ", ".join(f"{key} {count}" for key, count in rung.items() if key != "rung")
+            rows.append((f"rung {rung['rung']}", counts))
+    return rows
 
 
 def steps(run_dir: str | Path) -> Iterator[tuple[int, list[float]]]:

@@ -413,10 +413,14 @@ def test_cli_search_top_status_with_rungs(tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"1:{t1}" in text and f"0:{t0}" in text
     assert main(["top", run_dir, "--format", "markdown"]) == 0
-    assert f"1: {t1} | 2 |" in capsys.readouterr().out
+    assert f"(1: {t1}, 2 seeds) | ok |" in capsys.readouterr().out
     assert main(["status", run_dir]) == 0
     text = capsys.readouterr().out
     assert "rung 1: protocol t1" in text and "compute" in text
+    report = tmp_path / "report.png"
+    assert main(["report", run_dir, "-o", str(report), "--html", str(tmp_path / "r.html")]) == 0
+    assert "| rung 1 | protocol t1, seeds 2," in report.with_suffix(".md").read_text()
+    assert "(1: t1, 2 seeds)" in (tmp_path / "r.html").read_text()
     summary = status(run_dir)
     assert 0 < summary["compute"] <= 6
     assert json.loads((Path(run_dir) / "funnel.json").read_text())["rungs"][1]["seeds"] == [0, 1]

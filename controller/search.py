@@ -20,6 +20,12 @@ A key another run is evaluating is waited for through :meth:`RewardStore.wait`; 
 stops without a result (its lease released or expired), the sample is ``failed`` (reward 0) and
 the key stays free for a later sample.
 
+With ``--rungs`` the samples are rung 0 of a successive-halving funnel
+(:mod:`nos_sym.controller.funnel`): the promotions it decides are claimed in the store under
+their rung's protocol and trained by the same backend, started before new samples; their results
+are appended to the log and never reach the controller (its reward is the rung-0 reward), and
+the budget counts training steps, ``budget`` evaluations of the last rung.
+
 The run directory's files (config, sample log, checkpoint) and the readers of a run are
 :mod:`nos_sym.controller.rundir`; the names of both modules are re-exported here. A killed run
 resumes from its last checkpoint: the samples of the unfinished step are drawn again from the

@@ -7,12 +7,12 @@ import collections
 import concurrent.futures
 import hashlib
 import json
-import math
 import statistics
 from pathlib import Path
 
 import pytest
 import torch
+from test_tasks import quadratic  # module level: picklable for worker processes
 
 import nos_sym.controller.backends as backends
 import nos_sym.controller.search as search_module
@@ -248,18 +248,6 @@ def test_promotions_are_answered_from_a_shared_store(tmp_path):
 # --- resume ---------------------------------------------------------------------------------
 
 
-def bowl(make_optimizer, lr: float, seed: int, steps: int) -> float:
-    """−log10 of ½‖w‖² after ``steps`` steps from a seeded start: a task that trains in
-    milliseconds (module level, so ``--task test_funnel:BOWL`` names it)."""
-    weights = torch.randn(6, generator=torch.Generator().manual_seed(seed), requires_grad=True)
-    optimizer = make_optimizer([weights])
-    for _ in range(steps):
-        optimizer.zero_grad()
-        (0.5 * weights.pow(2).sum()).backward()
-        optimizer.step()
-    return -math.log10(0.5 * float(weights.detach().pow(2).sum()) + 1e-30)
-
-
 def _tiny(name: str, rates: int, examples: int) -> Protocol:
     return Protocol(name=name, learning_rates=(1e-3, 1e-2, 1e-1)[-rates:],
                     sweep_examples=examples, final_epochs=1, final_examples=2 * examples,
@@ -267,8 +255,9 @@ def _tiny(name: str, rates: int, examples: int) -> Protocol:
 
 
 TINY = {"t0": _tiny("t0", 2, 4), "t1": _tiny("t1", 3, 10), "t2": _tiny("t2", 3, 20)}
-BOWL = FunctionTask("bowl", 1, bowl, protocols=TINY)
-"""Rungs t0, t1, t2 cost 2·4 + 8 = 16, 3·10 + 20 = 50 and 3·20 + 40 = 100 steps."""
+BOWL = FunctionTask("bowl", 1, quadratic, protocols=TINY)
+"""A task that trains in milliseconds (``--task test_funnel:BOWL``); rungs t0, t1, t2 cost
+2·4 + 8 = 16, 3·10 + 20 = 50 and 3·20 + 40 = 100 steps."""
 
 
 class Interrupt(BaseException):
@@ -348,6 +337,20 @@ def test_a_resumed_run_makes_the_same_funnel_decisions_on_inline(
     assert leaderboard(crashed, 50) == leaderboard(reference, 50)
     for expected_tensor, actual in zip(_parameters(reference), _parameters(crashed), strict=True):
         assert torch.equal(expected_tensor, actual)
+
+
+def test_a_funnel_on_the_process_backend(tmp_path):
+    run_dir = tmp_path / "run"
+    options = {"rungs": tuple(TINY), "task": BOWL.identity, "budget": 6, "promote": 0.5}
+    run = SearchRun(run_dir, config(**options, backend="process", workers=2), BOWL)
+    run.run()
+    summary = status(run_dir)
+    assert (
+        summary["samples"] == summary["evaluated"] + summary["from_store"] + summary["degenerate"]
+    )
+    for row in summary["rungs"][1:]:
+        assert row["promoted"] == row["evaluated"] + row["from_store"] + row["pending"]
+    assert summary["rungs"][1]["evaluated"] > 0 and 0 < summary["compute"] <= 6
 
 
 # --- run directories and options -------------------------------------------------------------

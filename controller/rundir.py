@@ -172,6 +172,8 @@ class SearchConfig:
 
     @property
     def sample_limit(self) -> int:
+        """Samples a run without a funnel may draw (a funnel's limit depends on its rungs'
+        costs: :attr:`SearchRun.sample_limit <nos_sym.controller.search.SearchRun>`)."""
         return self.max_samples if self.max_samples is not None else 20 * max(self.budget, 1)
 
 

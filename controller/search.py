@@ -175,9 +175,10 @@ class SearchRun:
         self.protocol = self.task.protocol(self.config.ladder[0])
         # the budget in training steps: `budget` evaluations of the last rung
         self.limit = self.config.budget * self.rungs[-1].cost
+        # without --max-samples: 20 × the rung-0 evaluations the budget buys
         self.sample_limit = (
-            self.config.max_samples
-            if self.config.max_samples is not None
+            self.config.sample_limit
+            if self.config.rungs is None or self.config.max_samples is not None
             else 20 * max(self.limit // self.rungs[0].cost, 1)
         )
         self.algorithm: Algorithm = make_algorithm(
@@ -359,29 +360,30 @@ class SearchRun:
     # ---- promotions ----------------------------------------------------------------------
     def _start(self, promotion: Promotion, backend: Backend, spent: int) -> _Running | None:
         """Claim a promotion's seeds at its rung and submit those to pay; None (nothing
-        claimed) when paying them would exceed the budget."""
+        claimed) when what it may have to pay would exceed the budget."""
         rung = self.rungs[promotion.rung]
         rule = as_rule(promotion.dsl)
-        answers = [
-            self.store.claim(*self._identity(rule.key, rung.index, seed), dsl=rule.dsl,
-                             owner=self.run_id)
-            for seed in rung.seeds
-        ]  # fmt: skip
-        # a record this run paid for is one redone after a crash: still ours (a promotion is
-        # started once per run)
-        ours = [
-            isinstance(answer, Claim)
-            or (isinstance(answer, Record) and (answer.extra or {}).get("run") == self.run_id)
-            for answer in answers
-        ]
-        if not self._fits(spent, sum(ours) * rung.cost):
-            for answer in answers:
-                if isinstance(answer, Claim):
-                    self.store.release(answer)
+        identities = [self._identity(rule.key, rung.index, seed) for seed in rung.seeds]
+
+        def ours(answer: Record | Claim | None) -> bool:
+            # a record this run paid for is one redone after a crash: still ours (a promotion
+            # is started once per run)
+            return isinstance(answer, Claim) or (
+                isinstance(answer, Record) and (answer.extra or {}).get("run") == self.run_id
+            )
+
+        # judged before claiming (a claim released at once would stop another run waiting)
+        records = [self.store.get(*identity) for identity in identities]
+        at_most = sum(record is None or ours(record) for record in records)
+        if not self._fits(spent, at_most * rung.cost):
             return None
+        answers = [
+            self.store.claim(*identity, dsl=rule.dsl, owner=self.run_id) for identity in identities
+        ]
+        mine = [ours(answer) for answer in answers]
         parts, jobs = [], []
-        for seed, answer, mine in zip(rung.seeds, answers, ours, strict=True):
-            outcome = "evaluated" if mine else "from_store"
+        for seed, answer, paying in zip(rung.seeds, answers, mine, strict=True):
+            outcome = "evaluated" if paying else "from_store"
             if isinstance(answer, Record):
                 parts.append(_Pending(rule, outcome, result=answer.result))
             elif answer is None:  # another run is evaluating it
@@ -392,7 +394,7 @@ class SearchRun:
                 self.leases.hold(answer)
                 parts.append(_Pending(rule, outcome, future=future, claim=answer))
         _submit(backend, jobs)
-        return _Running(promotion, parts, sum(ours))
+        return _Running(promotion, parts, sum(mine))
 
     def _start_promotions(self, backend: Backend, spent: int) -> int:
         """Start the waiting promotions in the order they were decided, while they fit the

@@ -393,7 +393,8 @@ class SearchRun:
                 jobs.append((self._job(rule, rung.index, seed), future))
                 self.leases.hold(answer)
                 parts.append(_Pending(rule, outcome, future=future, claim=answer))
-        _submit(backend, jobs)
+        for job in jobs:  # one seed a submission: the gpu backend trains a batch under one seed
+            _submit(backend, [job])
         return _Running(promotion, parts, sum(mine))
 
     def _start_promotions(self, backend: Backend, spent: int) -> int:

@@ -245,6 +245,23 @@ def test_promotions_are_answered_from_a_shared_store(tmp_path):
     }
 
 
+def test_numeric_dedup_makes_fingerprint_twins_one_candidate(tmp_path):
+    run_dir = tmp_path / "run"
+    SearchRun(run_dir, config(dedup="numeric", budget=6)).run(backend=FakeBackend())
+    promoted = [(line["rung"], line["fingerprint"]) for line in _promotion_lines(run_dir)]
+    assert promoted and len(promoted) == len(set(promoted))
+    decided = _decisions(
+        [
+            {**line, "key": line["fingerprint"]}
+            for line in read_log(run_dir)[0]
+            if "fingerprint" in line
+        ],
+        0.3,
+        2,
+    )
+    assert promoted == decided[: len(promoted)]
+
+
 # --- resume ---------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@
 * :mod:`.rundir`: a run directory's files (``SearchConfig``, sample log, checkpoint) and the
   readers of a run (``leaderboard``, ``status``, ``steps``).
 * :mod:`.evolution`: :class:`RegularizedEvolution` (aging evolution, ``"evolution"``).
+* :mod:`.funnel`: the successive-halving funnel of a search (``--rungs``): rung costs, ASHA.
 """
 
 from nos_sym.controller.algorithms import (

@@ -20,6 +20,7 @@ from nos_sym.controller.rundir import (
     load_checkpoint,
     load_config,
     status,
+    status_rows,
 )
 from nos_sym.controller.search import SearchRun
 from nos_sym.controller.space import SPACES
@@ -29,7 +30,11 @@ from nos_sym.tasks.registry import TASKS
 
 _SEARCH_OPTIONS = {
     # option: (config field, type, help)
-    "--budget": ("budget", int, "evaluations to pay for (new keys), not samples"),
+    "--budget": (
+        "budget",
+        int,
+        "evaluations to pay for (new keys), not samples; with --rungs, in last-rung evaluations",
+    ),
     "--max-samples": ("max_samples", int, "stop after this many samples (default 20 × budget)"),
     "--algo": ("algo", str, f"controller training: {'|'.join(ALGORITHMS)}"),
     "--space": ("space", str, f"search space preset: {' | '.join(SPACES)}"),
@@ -47,6 +52,9 @@ _SEARCH_OPTIONS = {
     "--ray-address": ("ray_address", str, "Ray cluster address (default: a local Ray)"),
     "--population": ("population", int, "--algo evolution: population size (default 50)"),
     "--tournament": ("tournament", int, "--algo evolution: tournament size (default 10)"),
+    "--rungs": ("rungs", str, "successive halving over protocols, e.g. quick,screen,paper"),
+    "--promote": ("promote", float, "--rungs: fraction of a rung promoted (default 0.1)"),
+    "--final-seeds": ("final_seeds", int, "--rungs: seeds of the last rung (default 1)"),
 }
 
 
@@ -71,18 +79,20 @@ def _search_command(args: argparse.Namespace) -> None:
     config = run.config
     if not run.files.samples.exists():
         run.task.check()  # e.g. a missing data set: one clear error, before any work
+    # the bar counts evaluations; with --rungs, the compute in evaluations of the last rung
+    paid = (lambda: run.counters.evaluated) if config.rungs is None else (lambda: run.compute)
     bar = tqdm(
         total=config.budget,
-        initial=run.counters.evaluated,
+        initial=paid(),
         unit="eval",
         desc="search",
         dynamic_ncols=True,
     )
-    start, first = time.perf_counter(), run.counters.evaluated
+    start, first = time.perf_counter(), paid()
 
     def progress(counters: Counters) -> None:
-        rate = (counters.evaluated - first) / max(time.perf_counter() - start, 1e-9)
-        bar.n = counters.evaluated
+        rate = (paid() - first) / max(time.perf_counter() - start, 1e-9)
+        bar.n = paid()
         bar.set_postfix(
             best=f"{counters.best_reward:.4f}",
             evals_per_s=f"{rate:.3f}",
@@ -93,10 +103,10 @@ def _search_command(args: argparse.Namespace) -> None:
 
     counters = run.run(progress)
     bar.close()
-    if counters.evaluated < config.budget:
+    if counters.samples >= run.sample_limit and paid() < config.budget:
         print(
-            f"stopped after {counters.samples} samples (--max-samples {config.sample_limit}): "
-            f"the controller only re-sampled known rules; {counters.evaluated} of "
+            f"stopped after {counters.samples} samples (--max-samples {run.sample_limit}): "
+            f"the controller only re-sampled known rules; {paid():g} of "
             f"{config.budget} evaluations paid"
         )
     _print_top(args.run_dir, 10, "text")
@@ -113,10 +123,17 @@ def _print_top(run_dir: str, n: int, fmt: str) -> None:
     elif fmt == "markdown":
         print(leaderboard_markdown(rows))
     else:
-        print(f"{'#':>3}  {'reward':>7}  {'status':<9}  rule (minimal form)")
+        # a --rungs run: each row's protocol (its highest rung), mean ± std over n seeds
+        funnel = any("protocol" in row for row in rows)
+        print(f"{'#':>3}  {'reward':>7}  " + "± std    seeds  rung:protocol  " * funnel, end="")
+        print(f"{'status':<9}  rule (minimal form)")
         for i, row in enumerate(rows, start=1):
+            where = ""
+            if funnel:
+                rung = f"{row['rung']}:{row['protocol']}"
+                where = f"± {row['std']:.4f}  {len(row['seeds']):>5}  {rung:<13}  "
             print(
-                f"{i:>3}  {row['reward']:7.4f}  {row['status']:<9}  {row['minimal_dsl']}  "
+                f"{i:>3}  {row['reward']:7.4f}  {where}{row['status']:<9}  {row['minimal_dsl']}  "
                 f"[{row['key'][:10]}]  {row['latex']}"
             )
 
@@ -131,7 +148,7 @@ def _status_command(args: argparse.Namespace) -> None:
     if args.format == "json":
         print(json.dumps(summary))
         return
-    for name, value in summary.items():
+    for name, value in status_rows(summary):
         print(f"{name:>16}: {value}")
 
 

@@ -8,7 +8,15 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from nos_sym.controller.rundir import leaderboard, leaderboard_markdown, load_config, status, steps
+from nos_sym.controller.rundir import (
+    leaderboard,
+    leaderboard_markdown,
+    load_config,
+    reward_text,
+    status,
+    status_rows,
+    steps,
+)
 from nos_sym.dsl import Rule, as_rule
 from nos_sym.html_report import (
     Html,
@@ -69,7 +77,7 @@ def write_report(run_dir: str | Path, output: str | Path, top: int = 3) -> tuple
 
     summary = status(run_dir)
     rows = leaderboard_markdown(board[:10])
-    counts = "\n".join(f"| {name} | {value} |" for name, value in summary.items())
+    counts = "\n".join(f"| {name} | {value} |" for name, value in status_rows(summary))
     markdown = output.with_suffix(".md")
     markdown.write_text(
         f"# Search run `{Path(run_dir).name}`\n\n![reward curves and best trees]({output.name})\n\n"
@@ -109,14 +117,14 @@ def run_sections(run_dir: str | Path, top: int = 3, n: int = 10) -> list[Section
         "samples = evaluated + from_store + degenerate: {samples} = {evaluated} + "
         "{from_store} + {degenerate}".format(**counts)
     )
-    accounting = table_html(["count", "value"], counts.items(), numeric=[1])
+    accounting = table_html(["count", "value"], status_rows(counts), numeric=[1])
     curve = Figure(figsize=(10, 4))
     draw_rewards(curve.subplots(), history, _title(run_dir))
     curve.tight_layout()
     rows = [
         (
             i,
-            f"{entry['reward']:.4f}",
+            reward_text(entry),
             entry["status"],
             math_html(rule.latex()),
             Html(f"<code>{escape(rule.minimal_dsl)}</code>"),

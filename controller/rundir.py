@@ -36,6 +36,7 @@ import torch
 
 from nos_sym.controller.algorithms import ALGORITHMS as ALGORITHM_CLASSES
 from nos_sym.controller.backends import BACKENDS
+from nos_sym.controller.funnel import Funnel, Rung, seed_stats
 from nos_sym.controller.space import SPACES
 from nos_sym.dsl import as_rule
 from nos_sym.errors import InputWarning, SearchError
@@ -58,9 +59,12 @@ __all__ = [
     "leaderboard",
     "load_checkpoint",
     "load_config",
+    "read_funnel",
     "read_log",
     "read_samples",
+    "reward_text",
     "status",
+    "status_rows",
     "steps",
 ]
 
@@ -80,6 +84,9 @@ FROZEN = (
     "dedup",
     "population",
     "tournament",
+    "rungs",
+    "promote",
+    "final_seeds",
 )
 """Fields a resumed run must share with the run it resumes; the others are execution details."""
 
@@ -111,8 +118,15 @@ class SearchConfig:
     ray_address: str | None = None
     population: int = 50  # --algo evolution: population size P
     tournament: int = 10  # --algo evolution: tournament size S
+    rungs: tuple[str, ...] | None = None  # the funnel's protocols; None: `protocol` alone
+    promote: float = 0.1  # --rungs: the fraction of a rung promoted to the next
+    final_seeds: int = 1  # --rungs: seeds of the last rung (its reward: their mean)
 
     def __post_init__(self):
+        if isinstance(self.rungs, list | str):  # config.json keeps a list
+            names = self.rungs.split(",") if isinstance(self.rungs, str) else self.rungs
+            object.__setattr__(self, "rungs", tuple(name.strip() for name in names))
+        rungs = self.rungs or ()
         checks = [
             (self.algo in ALGORITHMS, f"--algo must be one of {', '.join(ALGORITHMS)}"),
             (self.space in SPACES, f"--space must be one of {', '.join(SPACES)}"),
@@ -126,10 +140,22 @@ class SearchConfig:
             (self.max_samples is None or self.max_samples >= 1, "--max-samples must be ≥ 1"),
             (self.population >= 2, "--population must be at least 2"),
             (1 <= self.tournament <= self.population, "--tournament must be in 1..population"),
+            (
+                self.rungs is None or (all(rungs) and len(set(rungs)) == len(rungs) > 0),
+                "--rungs must be distinct protocol names separated by commas",
+            ),
+            (0 < self.promote <= 1, "--promote must be in (0, 1]"),
+            (self.final_seeds >= 1, "--final-seeds must be at least 1"),
+            (self.final_seeds == 1 or len(rungs) >= 2, "--final-seeds needs two --rungs or more"),
         ]
         for ok, message in checks:
             if not ok:
                 raise SearchError(message)
+
+    @property
+    def ladder(self) -> tuple[str, ...]:
+        """The protocols of the rungs: ``rungs``, or ``(protocol,)`` without a funnel."""
+        return self.rungs or (self.protocol,)
 
     @property
     def hyperparameters(self) -> dict[str, int]:
@@ -146,6 +172,8 @@ class SearchConfig:
 
     @property
     def sample_limit(self) -> int:
+        """Samples a run without a funnel may draw (a funnel's limit depends on its rungs'
+        costs: :attr:`SearchRun.sample_limit <nos_sym.controller.search.SearchRun>`)."""
         return self.max_samples if self.max_samples is not None else 20 * max(self.budget, 1)
 
 
@@ -213,6 +241,10 @@ class RunFiles:
     def checkpoint(self) -> Path:
         return self.root / "checkpoint.pt"
 
+    @property
+    def funnel(self) -> Path:
+        return self.root / "funnel.json"
+
     def store(self, config: SearchConfig) -> Path:
         return Path(config.store) if config.store else self.root / "store.sqlite"
 
@@ -244,9 +276,30 @@ def read_log(run_dir: str | Path) -> tuple[list[dict[str, Any]], bool]:
 
 
 def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The sample log of a run (a missing or empty log is an empty list; a torn last line is
-    ignored, see :func:`read_log`)."""
-    return read_log(run_dir)[0]
+    """The samples of a run's log (a missing or empty log is an empty list; a torn last line is
+    ignored, see :func:`read_log`); the funnel's promotion lines are left out."""
+    return [line for line in read_log(run_dir)[0] if "rung" not in line]
+
+
+def read_funnel(run_dir: str | Path) -> Funnel | None:
+    """The funnel of a ``--rungs`` run replayed from its log (None for a run without one): its
+    rungs (``funnel.json``, written with the config) and every line folded in order."""
+    config, _ = load_config(run_dir)
+    if config.rungs is None:
+        return None
+    path = RunFiles(Path(run_dir)).funnel
+    try:
+        table = json.loads(path.read_text())
+        rungs = [
+            Rung(index, row["protocol"], row["hash"], int(row["cost"]), tuple(row["seeds"]))
+            for index, row in enumerate(table["rungs"])
+        ]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise SearchError(f"{path} is missing or damaged: {error}") from None
+    funnel = Funnel(rungs, config.promote)
+    for line in read_log(run_dir)[0]:
+        funnel.fold(line)
+    return funnel
 
 
 def load_config(run_dir: str | Path) -> tuple[SearchConfig, str]:
@@ -287,14 +340,25 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------
 def leaderboard(run_dir: str | Path, n: int = 10) -> list[dict[str, Any]]:
     """The run's distinct rules by reward: ``{"dsl", "minimal_dsl", "key", "reward", "status",
-    "latex"}`` (``dsl`` as sampled, ``minimal_dsl`` its live groups only)."""
+    "latex"}`` (``dsl`` as sampled, ``minimal_dsl`` its live groups only). In a ``--rungs`` run,
+    ranked by the highest rung reached, then the reward there (the mean over its seeds); rows
+    also carry ``rung``, ``protocol``, ``std`` (over the seeds) and ``seeds``."""
+    config = load_config(run_dir)[0] if RunFiles(Path(run_dir)).config.exists() else None
+    funnel = config is not None and config.rungs is not None
     best: dict[str, dict[str, Any]] = {}
-    for line in read_samples(run_dir):
-        if line["outcome"] != "degenerate" and line["key"] not in best:
+    for line in read_log(run_dir)[0] if funnel else read_samples(run_dir):
+        held = best.get(line["key"])
+        if line["outcome"] != "degenerate" and (
+            held is None or line.get("rung", 0) > held.get("rung", 0)
+        ):
             best[line["key"]] = line
-    ranked = sorted(best.values(), key=lambda line: (-line["reward"], line["dsl"]))[:n]
-    return [
-        {
+    ranked = sorted(
+        best.values(), key=lambda line: (-line.get("rung", 0), -line["reward"], line["dsl"])
+    )[:n]
+    rows = []
+    for line in ranked:
+        rule = as_rule(line["dsl"])
+        row = {
             "dsl": line["dsl"],
             "minimal_dsl": rule.minimal_dsl,
             "key": line["key"],
@@ -302,25 +366,48 @@ def leaderboard(run_dir: str | Path, n: int = 10) -> list[dict[str, Any]]:
             "status": line["status"],
             "latex": rule.latex(),
         }
-        for line, rule in ((line, as_rule(line["dsl"])) for line in ranked)
-    ]
+        if funnel:
+            rewards = line.get("rewards", [line["reward"]])
+            row |= {
+                "rung": line.get("rung", 0),
+                "protocol": line.get("protocol", config.ladder[0]),
+                "std": seed_stats(rewards)[1],
+                "seeds": line.get("seeds", [config.eval_seed]),
+            }
+        rows.append(row)
+    return rows
+
+
+def reward_text(row: dict[str, Any]) -> str:
+    """A leaderboard row's reward: ``0.8123``, or in a funnel ``0.8123 ± 0.0040 (2: paper,
+    3 seeds)`` (mean ± std over the seeds of its highest rung, which names its protocol)."""
+    if "protocol" not in row:
+        return f"{row['reward']:.4f}"
+    seeds = len(row["seeds"])
+    return (
+        f"{row['reward']:.4f} ± {row['std']:.4f} ({row['rung']}: {row['protocol']}, "
+        f"{seeds} seed{'s' * (seeds > 1)})"
+    )
 
 
 def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
     """A :func:`leaderboard` as a Markdown table (the minimal DSL; ``|`` in Δ escaped, so
-    absolute values do not split a cell)."""
+    absolute values do not split a cell); a funnel's rows show their protocol, mean ± std and
+    number of seeds."""
     lines = ["| # | rule | Δ | reward | status |", "| --- | --- | --- | --- | --- |"]
     for i, row in enumerate(rows, start=1):
         delta = row["latex"].replace("|", r"\|")
         lines.append(
-            f"| {i} | `{row['minimal_dsl']}` | ${delta}$ | {row['reward']:.4f} | {row['status']} |"
+            f"| {i} | `{row['minimal_dsl']}` | ${delta}$ | {reward_text(row)} | {row['status']} |"
         )
     return "\n".join(lines)
 
 
 def status(run_dir: str | Path) -> dict[str, Any]:
     """Counts of a run: samples, unique keys, evaluated, from_store, degenerate, diverged,
-    failed, best reward, controller steps."""
+    failed, best reward (of the samples), controller steps; in a ``--rungs`` run also
+    ``rungs`` (per rung, :meth:`Funnel.counts`), the ``compute`` spent and the ``budget``, both
+    in evaluations of the last rung."""
     load_config(run_dir)
     lines = read_samples(run_dir)
     checkpoint = load_checkpoint(run_dir)
@@ -338,7 +425,28 @@ def status(run_dir: str | Path) -> dict[str, Any]:
         "best_reward",
         "controller_steps",
     ]
-    return {name: summary[name] for name in order}
+    result = {name: summary[name] for name in order}
+    funnel = read_funnel(run_dir)
+    if funnel is not None:
+        config = load_config(run_dir)[0]
+        unit = funnel.rungs[-1].cost
+        result["rungs"] = funnel.counts()
+        result["compute"] = round(funnel.spent() / unit, 6)
+        result["budget"] = config.budget
+    return result
+
+
+def status_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A :func:`status` summary as (name, value) rows; a funnel's rungs one row each."""
+    rows: list[tuple[str, Any]] = []
+    for name, value in summary.items():
+        if name != "rungs":
+            rows.append((name, value))
+            continue
+        for rung in value:
+            counts = ", ".join(f"{key} {count}" for key, count in rung.items() if key != "rung")
+            rows.append((f"rung {rung['rung']}", counts))
+    return rows
 
 
 def steps(run_dir: str | Path) -> Iterator[tuple[int, list[float]]]:

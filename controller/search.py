@@ -20,6 +20,12 @@ A key another run is evaluating is waited for through :meth:`RewardStore.wait`; 
 stops without a result (its lease released or expired), the sample is ``failed`` (reward 0) and
 the key stays free for a later sample.
 
+With ``--rungs`` the samples are rung 0 of a successive-halving funnel
+(:mod:`nos_sym.controller.funnel`): the promotions it decides are claimed in the store under
+their rung's protocol and trained by the same backend, started before new samples; their results
+are appended to the log and never reach the controller (its reward is the rung-0 reward), and
+the budget counts training steps, ``budget`` evaluations of the last rung.
+
 The run directory's files (config, sample log, checkpoint) and the readers of a run are
 :mod:`nos_sym.controller.rundir`; the names of both modules are re-exported here. A killed run
 resumes from its last checkpoint: the samples of the unfinished step are drawn again from the
@@ -58,6 +64,7 @@ from nos_sym.controller.backends import (
     make_backend,
 )
 from nos_sym.controller.evolution import RegularizedEvolution
+from nos_sym.controller.funnel import Funnel, Promotion, make_rungs, seed_stats
 from nos_sym.controller.policy import Samples
 from nos_sym.controller.rundir import (
     ALGORITHMS,
@@ -123,6 +130,15 @@ class _Pending:
 
 
 @dataclass
+class _Running:
+    """A promotion in flight: one part per seed of its rung, ``paid`` of them ours to pay."""
+
+    promotion: Promotion
+    parts: list[_Pending]
+    paid: int
+
+
+@dataclass
 class _Batch:
     step: int
     samples: Samples
@@ -147,7 +163,24 @@ class SearchRun:
             raise SearchError(
                 f"--protocol must be one of {', '.join(known)} (task {self.task.name!r})"
             )
-        self.protocol = self.task.protocol(self.config.protocol)
+        for name in self.config.rungs or ():
+            if name not in known:
+                raise SearchError(
+                    f"--rungs: unknown protocol {name!r}; known: {', '.join(known)}"
+                    f" (task {self.task.name!r})"
+                )
+        self.rungs = make_rungs(
+            self.task, self.config.ladder, self.config.eval_seed, self.config.final_seeds
+        )
+        self.protocol = self.task.protocol(self.config.ladder[0])
+        # the budget in training steps: `budget` evaluations of the last rung
+        self.limit = self.config.budget * self.rungs[-1].cost
+        # without --max-samples: 20 × the rung-0 evaluations the budget buys
+        self.sample_limit = (
+            self.config.sample_limit
+            if self.config.rungs is None or self.config.max_samples is not None
+            else 20 * max(self.limit // self.rungs[0].cost, 1)
+        )
         self.algorithm: Algorithm = make_algorithm(
             self.config.algo, space, self.config.seed, **self.config.hyperparameters
         )
@@ -163,14 +196,22 @@ class SearchRun:
         if write_config:
             self._write_config(self.config, self.run_id)
         self.lines = self._truncated_log(lines, torn)
-        self.counters = Counters.of(self.lines, self.step)
+        samples = [line for line in self.lines if "rung" not in line]
+        self.counters = Counters.of(samples, self.step)
         # fingerprint → the sample that answers it (--dedup numeric)
         self.fingerprints: dict[str, _Pending] = {
             line["fingerprint"]: _Pending(None, line["outcome"], result=_logged(line))
-            for line in self.lines
+            for line in samples
             if line.get("fingerprint")
         }
-        self.seen_keys = {line["key"] for line in self.lines}  # keys already counted once
+        self.seen_keys = {line["key"] for line in samples}  # keys already counted once
+        # the funnel replayed from the log: promotions decided but not logged (in flight at a
+        # crash, or waiting for budget) are started again, in the order they were decided
+        self.funnel = Funnel(self.rungs, self.config.promote)
+        for line in self.lines:
+            self.funnel.fold(line)
+        self._queue: collections.deque[Promotion] = collections.deque(self.funnel.pending.values())
+        self._running: list[_Running] = []
         if isinstance(self.algorithm, RegularizedEvolution):
             # a child this run has already met is mutated again: its reward would come from the
             # store. Judged on the run's own log (restored exactly on resume), not on the store,
@@ -216,6 +257,9 @@ class SearchRun:
     def _write_config(self, config: SearchConfig, run_id: str) -> None:
         text = json.dumps({**dataclasses.asdict(config), "run_id": run_id}, indent=2)
         atomic_write(self.files.config, lambda path: path.write_text(text + "\n"))
+        if config.rungs is not None:  # the rungs' declared costs, for the readers of the run
+            table = json.dumps({"rungs": [rung.to_json() for rung in self.rungs]}, indent=2)
+            atomic_write(self.files.funnel, lambda path: path.write_text(table + "\n"))
 
     def _truncated_log(self, lines: list[dict[str, Any]], torn: bool) -> list[dict[str, Any]]:
         """The log up to the last checkpointed step (later lines belong to an unfinished step),
@@ -228,19 +272,27 @@ class SearchRun:
         return kept
 
     # ---- one batch -----------------------------------------------------------------------
-    def _job(self, rule: Rule) -> Job:
+    def _job(self, rule: Rule, rung: int = 0, seed: int | None = None) -> Job:
         return Job(
             dsl=rule.dsl,
             key=rule.key,
             task=self.task,
-            protocol=self.config.protocol,
-            seed=self.config.eval_seed,
+            protocol=self.rungs[rung].protocol,
+            seed=self.config.eval_seed if seed is None else seed,
         )
 
-    def _identity(self, key: str) -> tuple[str, str, str, int]:
-        return key, self.protocol.hash, self.task.identity, self.config.eval_seed
+    def _identity(
+        self, key: str, rung: int = 0, seed: int | None = None
+    ) -> tuple[str, str, str, int]:
+        """A reward's identity in the store: (key, the rung's protocol hash, task, seed)."""
+        seed = self.config.eval_seed if seed is None else seed
+        return key, self.rungs[rung].hash, self.task.identity, seed
 
-    def _classify(self, rule: Rule, paid: int, jobs: list) -> _Pending | None:
+    def _fits(self, spent: int, cost: int) -> bool:
+        """Whether ``cost`` more training steps stay within the budget."""
+        return spent + cost <= self.limit
+
+    def _classify(self, rule: Rule, spent: int, jobs: list) -> _Pending | None:
         """The outcome of one sample; None when it would exceed the budget."""
         first_time = rule.key not in self.seen_keys
         self.seen_keys.add(rule.key)
@@ -256,13 +308,13 @@ class SearchRun:
             return _Pending(
                 rule, "from_store", twin.future, result=twin.result, fingerprint=fingerprint
             )
-        pending = self._claim(rule, paid, jobs, first_time, fingerprint)
+        pending = self._claim(rule, spent, jobs, first_time, fingerprint)
         if pending is not None and fingerprint is not None:
             self.fingerprints.setdefault(fingerprint, pending)
         return pending
 
     def _claim(
-        self, rule: Rule, paid: int, jobs: list, first_time: bool, fingerprint: str | None
+        self, rule: Rule, spent: int, jobs: list, first_time: bool, fingerprint: str | None
     ) -> _Pending | None:
         """Claim a new key in the store: ours to evaluate, already finished, or someone else's."""
         answer = self.store.claim(*self._identity(rule.key), dsl=rule.dsl, owner=self.run_id)
@@ -270,10 +322,10 @@ class SearchRun:
             # paid by this run before a crash, in the step being redone: still ours
             paid_by_us = (answer.extra or {}).get("run") == self.run_id and first_time
             outcome = "evaluated" if paid_by_us else "from_store"
-            if outcome == "evaluated" and paid >= self.config.budget:
+            if outcome == "evaluated" and not self._fits(spent, self.rungs[0].cost):
                 return None
             return _Pending(rule, outcome, result=answer.result, fingerprint=fingerprint)
-        if paid >= self.config.budget:
+        if not self._fits(spent, self.rungs[0].cost):
             if isinstance(answer, Claim):
                 self.store.release(answer)
             return None
@@ -290,28 +342,137 @@ class SearchRun:
         self._in_flight_keys[rule.key] = pending.future
         return pending
 
-    def _new_batch(self, backend: Backend, paid: int) -> _Batch | None:
+    def _new_batch(self, backend: Backend, spent: int) -> _Batch | None:
         samples = self.algorithm.sample(self.config.batch)
         batch = _Batch(step=0, samples=samples)  # numbered by run()
         jobs: list[tuple[Job, futures.Future[EvalResult]]] = []
         for dsl in samples.dsl:
-            pending = self._classify(as_rule(dsl), paid, jobs)
+            pending = self._classify(as_rule(dsl), spent, jobs)
             if pending is None:  # the budget is spent: the batch ends here
                 break
-            paid += pending.outcome == "evaluated"
+            spent += (pending.outcome == "evaluated") * self.rungs[0].cost
             batch.pending.append(pending)
         if len(batch.pending) < len(samples):
             batch.samples = samples.subset(list(range(len(batch.pending))))
-        submitted = backend.submit([job for job, _ in jobs])
-        for (_, future), result in zip(jobs, submitted, strict=True):
-            result.add_done_callback(lambda done, future=future: future.set_result(done.result()))
+        _submit(backend, jobs)
         return batch if batch.pending else None
+
+    # ---- promotions ----------------------------------------------------------------------
+    def _start(self, promotion: Promotion, backend: Backend, spent: int) -> _Running | None:
+        """Claim a promotion's seeds at its rung and submit those to pay; None (nothing
+        claimed) when what it may have to pay would exceed the budget."""
+        rung = self.rungs[promotion.rung]
+        rule = as_rule(promotion.dsl)
+        identities = [self._identity(rule.key, rung.index, seed) for seed in rung.seeds]
+
+        def ours(answer: Record | Claim | None) -> bool:
+            # a record this run paid for is one redone after a crash: still ours (a promotion
+            # is started once per run)
+            return isinstance(answer, Claim) or (
+                isinstance(answer, Record) and (answer.extra or {}).get("run") == self.run_id
+            )
+
+        # judged before claiming (a claim released at once would stop another run waiting)
+        records = [self.store.get(*identity) for identity in identities]
+        at_most = sum(record is None or ours(record) for record in records)
+        if not self._fits(spent, at_most * rung.cost):
+            return None
+        answers = [
+            self.store.claim(*identity, dsl=rule.dsl, owner=self.run_id) for identity in identities
+        ]
+        mine = [ours(answer) for answer in answers]
+        parts, jobs = [], []
+        for seed, answer, paying in zip(rung.seeds, answers, mine, strict=True):
+            outcome = "evaluated" if paying else "from_store"
+            if isinstance(answer, Record):
+                parts.append(_Pending(rule, outcome, result=answer.result))
+            elif answer is None:  # another run is evaluating it
+                parts.append(_Pending(rule, outcome, future=self._wait(rule, rung.index, seed)))
+            else:
+                future: futures.Future[EvalResult] = futures.Future()
+                jobs.append((self._job(rule, rung.index, seed), future))
+                self.leases.hold(answer)
+                parts.append(_Pending(rule, outcome, future=future, claim=answer))
+        for job in jobs:  # one seed a submission: the gpu backend trains a batch under one seed
+            _submit(backend, [job])
+        return _Running(promotion, parts, sum(mine))
+
+    def _start_promotions(self, backend: Backend, spent: int) -> int:
+        """Start the waiting promotions in the order they were decided, while they fit the
+        budget; the training steps committed afterwards."""
+        while self._queue:
+            running = self._start(self._queue[0], backend, spent)
+            if running is None:
+                break
+            self._queue.popleft()
+            self._running.append(running)
+            spent += running.paid * self.rungs[running.promotion.rung].cost
+        return spent
+
+    def _promotion_lines(self, step: int, wait: bool) -> list[dict[str, Any]]:
+        """The log lines of the promotions that are done (``wait``: of all of them), in the
+        order they started; their evaluations are stored."""
+        lines, still = [], []
+        for running in self._running:
+            done = all(part.result is not None or part.future.done() for part in running.parts)
+            if not (wait or done):
+                still.append(running)
+                continue
+            results = [self._resolved(part) for part in running.parts]
+            promotion, rung = running.promotion, self.rungs[running.promotion.rung]
+            rewards = [result.reward for result in results]
+            lines.append(
+                {
+                    "step": step,
+                    "rung": promotion.rung,
+                    "key": promotion.key,
+                    "dsl": promotion.dsl,
+                    "protocol": rung.protocol,
+                    "seeds": list(rung.seeds),
+                    "outcome": "evaluated" if running.paid else "from_store",
+                    "paid": running.paid,
+                    "status": next((r.status for r in results if r.status != "ok"), "ok"),
+                    "reward": seed_stats(rewards)[0],
+                    "rewards": rewards,
+                    "seconds": sum(
+                        result.seconds
+                        for result, part in zip(results, running.parts, strict=True)
+                        if part.outcome == "evaluated"
+                    ),
+                    **({"fingerprint": promotion.fingerprint} if promotion.fingerprint else {}),
+                }
+            )
+        self._running = still
+        return lines
+
+    def _append(self, lines: list[dict[str, Any]]) -> None:
+        """Append lines to the sample log, fsynced."""
+        with open(self.files.samples, "a") as log:
+            log.writelines(json.dumps(line) + "\n" for line in lines)
+            log.flush()
+            os.fsync(log.fileno())
+
+    def _fold(self, lines: list[dict[str, Any]]) -> None:
+        """Fold logged lines into the funnel, in log order; queue the promotions decided."""
+        for line in lines:
+            self._queue.extend(self.funnel.fold(line))
+
+    def _drain(self) -> None:
+        """Wait for the promotions in flight, log them (under the last step) and fold them."""
+        lines = self._promotion_lines(self.step, wait=True)
+        self._append(lines)
+        self._fold(lines)
+
+    @property
+    def compute(self) -> float:
+        """Compute paid for so far (logged), in evaluations of the last rung."""
+        return self.funnel.spent() / self.rungs[-1].cost
 
     def _finish(self, batch: _Batch) -> None:
         """Wait for a batch, record its evaluations, update the controller, log, checkpoint."""
         lines = []
         for index, pending in enumerate(batch.pending):
-            status, reward = self._result(pending)
+            result = None if pending.outcome == "degenerate" else self._resolved(pending)
             lines.append(
                 {
                     "step": batch.step,
@@ -319,18 +480,19 @@ class SearchRun:
                     "dsl": pending.rule.dsl,
                     "key": pending.rule.key,
                     "outcome": pending.outcome,
-                    "status": status,
-                    "reward": reward,
+                    "status": "degenerate" if result is None else result.status,
+                    "reward": 0.0 if result is None else result.reward,
                     **({"fingerprint": pending.fingerprint} if pending.fingerprint else {}),
                 }
             )
+            if self.config.rungs is not None and pending.outcome == "evaluated":
+                lines[-1]["seconds"] = result.seconds  # measured, for the funnel's report
+        # the controller's reward is the sample's own (rung 0): promotions never reach it
         rewards = torch.tensor([line["reward"] for line in lines], dtype=torch.float64)
         stats = self.algorithm.update(batch.samples, rewards)
         self.step = batch.step
-        with open(self.files.samples, "a") as log:
-            log.writelines(json.dumps(line) + "\n" for line in lines)
-            log.flush()
-            os.fsync(log.fileno())
+        promoted = self._promotion_lines(batch.step, wait=False)
+        self._append(lines + promoted)
         state = {
             "step": self.step,
             "algorithm": self.algorithm.state_dict(),
@@ -340,25 +502,26 @@ class SearchRun:
         for line in lines:
             self.counters.add(line)
         self.counters.controller_steps = self.step
+        self._fold(lines + promoted)
 
-    def _result(self, pending: _Pending) -> tuple[str, float]:
-        """(status, reward) of a sample, waiting for its evaluation; the sample that paid for it
-        stores the result."""
-        if pending.outcome == "degenerate":
-            return "degenerate", 0.0
+    def _resolved(self, pending: _Pending) -> EvalResult:
+        """The result of an evaluation, waiting for it; the part that paid for it stores it."""
         result = pending.result or pending.future.result()
         if pending.claim is not None:
             record = self.store.complete(pending.claim, result, extra={"run": self.run_id})
             self.leases.drop(pending.claim)
             self._in_flight_keys.pop(pending.rule.key, None)
             result = record.result
-        return result.status, result.reward
+        return result
 
-    def _wait(self, rule: Rule) -> futures.Future[EvalResult]:
-        """A future resolved when the run holding the lease on ``rule`` finishes it; ``failed``
-        if that run stops without a result (the key is released, free for a later sample)."""
+    def _wait(
+        self, rule: Rule, rung: int = 0, seed: int | None = None
+    ) -> futures.Future[EvalResult]:
+        """A future resolved when the run holding the lease on ``rule`` (at ``rung``, ``seed``)
+        finishes it; ``failed`` if that run stops without a result (the key is released, free
+        for a later sample)."""
         future: futures.Future[EvalResult] = futures.Future()
-        identity, path = self._identity(rule.key), self.store.path
+        identity, path = self._identity(rule.key, rung, seed), self.store.path
 
         def wait() -> None:
             with RewardStore(path) as reader:  # a connection of this thread's own
@@ -366,7 +529,7 @@ class SearchRun:
                 if isinstance(answer, Claim):
                     reader.release(answer)
                     message = "the run evaluating it stopped without a result"
-                    future.set_result(failed(self._job(rule), message))
+                    future.set_result(failed(self._job(rule, rung, seed), message))
                 else:
                     future.set_result(answer.result)
 
@@ -379,8 +542,9 @@ class SearchRun:
         progress: Callable[[Counters], None] | None = None,
         backend: Backend | None = None,
     ) -> Counters:
-        """Go on until ``budget`` evaluations are paid (or ``max_samples`` samples are drawn).
-        ``backend`` replaces the configured one."""
+        """Go on until ``budget`` evaluations (of the last rung) are paid, or ``max_samples``
+        samples are drawn; then finish the promotions in flight. ``backend`` replaces the
+        configured one."""
         backend = backend or make_backend(
             self.config.backend, self.config.workers, self.config.ray_address
         )
@@ -391,22 +555,27 @@ class SearchRun:
             if self.config.backend == "inline"
             else max(1, math.ceil(self.config.workers / self.config.batch))
         )
+        cost = self.rungs[0].cost
         try:
             while True:
-                paid = self.counters.evaluated + sum(
-                    p.outcome == "evaluated" for b in in_flight for p in b.pending
-                )
+                # promotions first (in the order decided), then new samples while they fit
+                spent = self._start_promotions(backend, self._spent(in_flight))
                 drawn = self.counters.samples + sum(len(b.pending) for b in in_flight)
-                can_sample = paid < self.config.budget and drawn < self.config.sample_limit
+                can_sample = (
+                    not self._queue and self._fits(spent, cost) and drawn < self.sample_limit
+                )
                 if can_sample and len(in_flight) < depth:
-                    batch = self._new_batch(backend, paid)
+                    batch = self._new_batch(backend, spent)
                     if batch is not None:
                         batch.step = self.step + 1 + len(in_flight)
                         in_flight.append(batch)
                         continue
-                if not in_flight:
+                if in_flight:
+                    self._finish(in_flight.popleft())
+                elif self._running:
+                    self._drain()
+                else:
                     break
-                self._finish(in_flight.popleft())
                 if progress is not None:
                     progress(self.counters)
         finally:
@@ -414,6 +583,19 @@ class SearchRun:
             self.leases.close()
             self.store.close()
         return self.counters
+
+    def _spent(self, in_flight: collections.deque[_Batch]) -> int:
+        """Training steps committed: logged, and in flight (samples and promotions)."""
+        samples = sum(p.outcome == "evaluated" for b in in_flight for p in b.pending)
+        promotions = sum(r.paid * self.rungs[r.promotion.rung].cost for r in self._running)
+        return self.funnel.spent() + samples * self.rungs[0].cost + promotions
+
+
+def _submit(backend: Backend, jobs: list[tuple[Job, futures.Future[EvalResult]]]) -> None:
+    """Submit the jobs and resolve each one's own future with its result."""
+    submitted = backend.submit([job for job, _ in jobs])
+    for (_, future), result in zip(jobs, submitted, strict=True):
+        result.add_done_callback(lambda done, future=future: future.set_result(done.result()))
 
 
 def _logged(line: dict[str, Any]) -> EvalResult:

@@ -15,6 +15,7 @@ import concurrent.futures as futures
 import dataclasses
 import multiprocessing
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -196,7 +197,12 @@ class ProcessBackend:
 
 
 class RayBackend:
-    """Ray tasks (one CPU each by default): ``ray.init()`` locally, or ``address`` for a cluster."""
+    """Ray tasks (one CPU each by default): ``ray.init()`` locally, or ``address`` for a cluster.
+
+    A local Ray's workers get this process's ``sys.path`` as their ``PYTHONPATH``, so a task
+    defined in any module this process can import (a test file, a script's sibling module) is
+    found by name in the workers; on a cluster, the task's module must be importable on every
+    node (installed, or shipped with Ray's ``runtime_env``)."""
 
     def __init__(self, workers: int, address: str | None):
         try:
@@ -208,7 +214,13 @@ class RayBackend:
             if address:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
             else:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+                paths = os.pathsep.join(path for path in sys.path if path)
+                ray.init(
+                    num_cpus=workers,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    runtime_env={"env_vars": {"PYTHONPATH": paths}},
+                )
         self._task = ray.remote(num_cpus=1, max_retries=0)(evaluate_job)
 
     def submit(self, jobs: Sequence[Job]) -> list[futures.Future[EvalResult]]:

@@ -223,3 +223,13 @@ def test_cli_task_option(tmp_path, capsys) -> None:
     assert len(err) == 1 and "unknown task 'nonesuch'" in err[0]
     assert main(["evaluate", "sgd", "--task", "rosenbrock", "--protocol", "paperz"]) == 2
     assert "unknown protocol 'paperz'" in capsys.readouterr().err
+
+
+def test_a_function_task_on_ray(tmp_path) -> None:
+    ray = pytest.importorskip("ray")
+    options = {"budget": 3, "algo": "random", "space": "small", "batch": 3, "workers": 2}
+    try:
+        outcome = nos_sym.search(task=QUADRATIC, run_dir=tmp_path / "run", backend="ray", **options)
+    finally:
+        ray.shutdown()
+    assert outcome.counts.evaluated == 3 and outcome.counts.failed == 0

@@ -7,7 +7,8 @@ A run directory holds:
   config is an error, see :data:`FROZEN`);
 * ``samples.jsonl``: one JSON line per sample, appended and fsynced after every controller
   update (``step``, ``index``, ``dsl``, ``key``, ``outcome``, ``status``, ``reward`` and, with
-  ``--dedup numeric``, ``fingerprint``);
+  ``--dedup numeric``, ``fingerprint``; with ``charge_store_hits``, ``charged`` on a store hit
+  charged to the budget);
 * ``checkpoint.pt``: controller, optimizer, baseline and RNG states, written atomically after
   every update and loaded with ``torch.load(weights_only=True)``;
 * ``store.sqlite``: the reward store, unless ``--store`` shares one.

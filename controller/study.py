@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import time
@@ -52,10 +53,10 @@ from nos_sym.controller.rundir import (
     status,
 )
 from nos_sym.controller.search import SearchRun
-from nos_sym.dsl import parse
+from nos_sym.dsl import Rule, parse
 from nos_sym.evaluation.memoized import evaluate_baseline_memoized, evaluate_memoized
 from nos_sym.evaluation.protocol import PROTOCOLS
-from nos_sym.evaluation.store import RewardStore
+from nos_sym.evaluation.store import Record, RewardStore
 from nos_sym.tasks.base import Task
 from nos_sym.tasks.transfer import machine, mean_std
 
@@ -150,10 +151,12 @@ def _arm_dir(root: Path, algo: str, seed: int) -> Path:
     return root / "arms" / f"{algo}-{seed}"
 
 
-def _checked(root: Path, config: StudyConfig) -> tuple[Task, list[tuple[Path, SearchConfig]]]:
-    """The study's task and its arms (directory, config), every input checked before anything
-    is written: protocols the task knows, existing arms resumable with these options, the
-    study's own files readable."""
+def _checked(
+    root: Path, config: StudyConfig
+) -> tuple[Task, list[tuple[Path, SearchConfig]], list[dict[str, Any]]]:
+    """The study's task, its arms (directory, config) and earlier invocations, every input
+    checked before anything is written: protocols the task knows, existing arms resumable with
+    these options, the study's own files readable."""
     task = config.arm(config.algos[0], config.seeds[0], "").resolved_task()
     known = {**PROTOCOLS, **task.protocols}
     for option, names in (
@@ -174,9 +177,9 @@ def _checked(root: Path, config: StudyConfig) -> tuple[Task, list[tuple[Path, Se
         if RunFiles(arm_dir).config.exists():
             check_resumable(arm_dir, load_config(arm_dir)[0], arm)
         arms.append((arm_dir, arm))
-    _invocations(root)
+    invocations = _invocations(root)
     task.check()  # e.g. a missing data set: one clear error, before any work
-    return task, arms
+    return task, arms, invocations
 
 
 def _invocations(root: Path) -> list[dict[str, Any]]:
@@ -229,6 +232,24 @@ def rank_test(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
     return result
 
 
+def _final_rewards(
+    evaluate: Callable[..., tuple[Record, bool]],
+    what: Rule | str,
+    task: Task,
+    config: StudyConfig,
+    store: RewardStore,
+) -> dict[str, Any]:
+    """``evaluate(what, …)`` (a memoized evaluation) under the final protocol over seeds
+    0 … final_seeds_eval − 1: the rewards, their mean and sample std."""
+    protocol = task.protocol(config.final_protocol)
+    rewards = [
+        evaluate(what, task=task, protocol=protocol, seed=seed, store=store)[0].result.reward
+        for seed in range(config.final_seeds_eval)
+    ]
+    mean, std = mean_std(rewards)
+    return {"rewards": rewards, "mean": mean, "std": std}
+
+
 def _final(
     rows: list[dict[str, Any]], task: Task, config: StudyConfig, store: RewardStore
 ) -> dict[str, Any] | None:
@@ -236,39 +257,23 @@ def _final(
     over the final seeds; None when the arm has no rule."""
     if not rows:
         return None
-    protocol, row = task.protocol(config.final_protocol), rows[0]
-    rewards = [
-        evaluate_memoized(parse(row["dsl"]), task=task, protocol=protocol, seed=seed, store=store)[
-            0
-        ].result.reward
-        for seed in range(config.final_seeds_eval)
-    ]
-    mean, std = mean_std(rewards)
+    row = rows[0]
     return {
         "dsl": row["dsl"],
         "minimal_dsl": row["minimal_dsl"],
         "key": row["key"],
         "search_reward": row["reward"],
         "search_protocol": row.get("protocol", config.ladder[0]),
-        "rewards": rewards,
-        "mean": mean,
-        "std": std,
+        **_final_rewards(evaluate_memoized, parse(row["dsl"]), task, config, store),
     }
 
 
 def _baselines(task: Task, config: StudyConfig, store: RewardStore) -> list[dict[str, Any]]:
     """:data:`STUDY_BASELINES` under the final protocol and seeds (memoized in the store)."""
-    protocol, rows = task.protocol(config.final_protocol), []
-    for name in STUDY_BASELINES:
-        rewards = [
-            evaluate_baseline_memoized(name, task=task, protocol=protocol, seed=seed, store=store)[
-                0
-            ].result.reward
-            for seed in range(config.final_seeds_eval)
-        ]
-        mean, std = mean_std(rewards)
-        rows.append({"optimizer": name, "rewards": rewards, "mean": mean, "std": std})
-    return rows
+    return [
+        {"optimizer": name, **_final_rewards(evaluate_baseline_memoized, name, task, config, store)}
+        for name in STUDY_BASELINES
+    ]
 
 
 def _arm_summary(arm_dir: Path, algo: str, seed: int, task: Task, config: StudyConfig) -> dict:
@@ -326,12 +331,10 @@ def run_study(
     anything is written; a completed arm pays nothing again."""
     root = Path(root)
     start, date = time.perf_counter(), datetime.datetime.now(datetime.UTC)
-    task, arms = _checked(root, config)
-    invocations = _invocations(root)
+    task, arms, invocations = _checked(root, config)
     for arm_dir, arm in arms:
-        run = SearchRun(arm_dir, arm)
-        name = arm_dir.name
-        run.run(None if progress is None else lambda counters, name=name: progress(name, counters))
+        report = None if progress is None else functools.partial(progress, arm_dir.name)
+        SearchRun(arm_dir, arm).run(report)
     summaries = [_arm_summary(arm_dir, arm.algo, arm.seed, task, config) for arm_dir, arm in arms]
     with RewardStore(root / "store.sqlite") as store:
         for summary, (arm_dir, _) in zip(summaries, arms, strict=True):
@@ -349,7 +352,8 @@ def run_study(
         if algo != REFERENCE and REFERENCE in finals:
             row["test"] = rank_test(values, finals[REFERENCE])
         algorithms.append(row)
-    invocations.append({"date": date.isoformat(timespec="seconds"), "seconds": 0.0})
+    seconds = round(time.perf_counter() - start, 1)
+    invocations.append({"date": date.isoformat(timespec="seconds"), "seconds": seconds})
     result = {
         "command": command_line(root, config),
         "machine": machine(),
@@ -360,7 +364,6 @@ def run_study(
         "baselines": baselines,
         "invocations": invocations,
     }
-    invocations[-1]["seconds"] = round(time.perf_counter() - start, 1)
     _write(root, result)
     return result
 

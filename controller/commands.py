@@ -1,4 +1,4 @@
-"""``nos-sym search``, ``top``, ``status`` and ``report``."""
+"""``nos-sym search``, ``top``, ``status``, ``report`` and ``study``."""
 
 from __future__ import annotations
 
@@ -197,3 +197,86 @@ def add_report(command: argparse.ArgumentParser) -> None:
     command.add_argument("-o", "--output", help="FILE.png (a FILE.md goes beside)")
     command.add_argument("--html", help="FILE.html: one self-contained page (works offline)")
     command.set_defaults(run=_report_command)
+
+
+def _study_command(args: argparse.Namespace) -> None:
+    import sys
+
+    from nos_sym.controller.study import DEFAULT_RUNGS, StudyConfig, run_study
+
+    given = {
+        name: value
+        for name, value in {
+            "budget": args.budget,
+            "space": args.space,
+            "task": args.task,
+            "dataset": args.dataset,
+            "workers": args.workers,
+            "final_seeds": args.final_seeds,
+            "promote": args.promote,
+            "eval_seed": args.eval_seed,
+            "final_protocol": args.final_protocol,
+            "final_seeds_eval": args.final_seeds_eval,
+        }.items()
+        if value is not None
+    }
+    if args.algos is not None:
+        given["algos"] = tuple(name.strip() for name in args.algos.split(","))
+    if args.seeds is not None:
+        given["seeds"] = tuple(args.seeds)
+    # --rungs: the funnel; --protocol alone: no funnel; neither: the default funnel
+    if args.rungs is not None:
+        given["rungs"] = tuple(name.strip() for name in args.rungs.split(","))
+    elif args.protocol is not None:
+        given |= {"rungs": None, "protocol": args.protocol}
+    else:
+        given["rungs"] = DEFAULT_RUNGS
+    config = StudyConfig(**given)
+
+    def progress(arm: str, counters: Counters) -> None:
+        print(
+            f"\r{arm}: {counters.samples} samples, {counters.evaluated} evaluated, "
+            f"best {counters.best_reward:.4f}",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    result = run_study(args.run_dir, config, progress)
+    print(file=sys.stderr)
+    for row in result["algorithms"]:
+        test = row.get("test") or {}
+        mean = row.get("mean")
+        print(
+            f"{row['algo']:>10}: {row['arms']} arms, final {config.final_protocol} "
+            + ("—" if mean is None else f"{mean:.4f}")
+            + ("" if test.get("p") is None else f", vs random p = {test['p']:.3g}")
+        )
+    print(Path(args.run_dir) / "study.md")
+
+
+def add_study(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--run-dir", required=True, help="the study directory (resumed if it exists)"
+    )
+    command.add_argument(
+        "--algos", help=f"comma-separated, of {','.join(ALGORITHMS)} (default: all four)"
+    )
+    command.add_argument("--seeds", type=int, nargs="+", help="controller seeds (default 0-4)")
+    command.add_argument("--budget", type=int, help="per arm, in last-rung evaluations (60)")
+    command.add_argument("--rungs", help="the arms' funnel (default quick,screen)")
+    command.add_argument("--protocol", help="without --rungs: one protocol, no funnel")
+    command.add_argument("--promote", type=float, help="--rungs: fraction promoted (0.1)")
+    command.add_argument("--final-seeds", type=int, help="seeds of the arms' last rung (1)")
+    command.add_argument("--space", help=f"search space preset: {' | '.join(SPACES)}")
+    command.add_argument("--task", help=f"{' | '.join(TASKS)} or module:attribute")
+    command.add_argument("--dataset", help=f"{' | '.join(DATASETS)}")
+    command.add_argument("--workers", type=int, help="concurrent evaluations of an arm (1)")
+    command.add_argument("--eval-seed", type=int, help="the arms' child-network seed (0)")
+    command.add_argument(
+        "--final-protocol", help="re-evaluation of each arm's best rule (default paper)"
+    )
+    command.add_argument(
+        "--final-seeds-eval", type=int, help="seeds of the re-evaluation (default 5)"
+    )
+    command.set_defaults(run=_study_command)

@@ -109,6 +109,7 @@ class _RungState:
     diverged: int = 0
     failed: int = 0
     paid: int = 0  # evaluations (seeds) paid for at this rung
+    charged: int = 0  # evaluations answered from another run's but charged (charge_store_hits)
     seconds: float = 0.0  # measured seconds of the evaluations paid for
 
 
@@ -134,6 +135,7 @@ class Funnel:
             state.paid += line.get("paid", 0)
         elif line["outcome"] == "evaluated":
             state.paid += 1
+        state.charged += int(line.get("charged", 0))
         if line["outcome"] == "degenerate":
             return []
         state.seconds += line.get("seconds", 0.0)
@@ -162,9 +164,10 @@ class Funnel:
         return promotions
 
     def spent(self) -> int:
-        """Training steps paid for by the folded lines."""
+        """Training steps paid for (or charged) by the folded lines."""
         return sum(
-            state.paid * rung.cost for state, rung in zip(self.state, self.rungs, strict=True)
+            (state.paid + state.charged) * rung.cost
+            for state, rung in zip(self.state, self.rungs, strict=True)
         )
 
     def counts(self) -> list[dict[str, Any]]:
@@ -188,6 +191,8 @@ class Funnel:
                     "diverged": state.diverged,
                     "failed": state.failed,
                 }
+            if state.charged:
+                row["charged"] = state.charged
             row["seconds"] = round(state.seconds, 3)
             rows.append(row)
         return rows

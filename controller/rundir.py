@@ -7,7 +7,8 @@ A run directory holds:
   config is an error, see :data:`FROZEN`);
 * ``samples.jsonl``: one JSON line per sample, appended and fsynced after every controller
   update (``step``, ``index``, ``dsl``, ``key``, ``outcome``, ``status``, ``reward`` and, with
-  ``--dedup numeric``, ``fingerprint``);
+  ``--dedup numeric``, ``fingerprint``; with ``charge_store_hits``, ``charged`` on a store hit
+  charged to the budget);
 * ``checkpoint.pt``: controller, optimizer, baseline and RNG states, written atomically after
   every update and loaded with ``torch.load(weights_only=True)``;
 * ``store.sqlite``: the reward store, unless ``--store`` shares one.
@@ -56,6 +57,7 @@ __all__ = [
     "SearchError",
     "TornLogWarning",
     "atomic_write",
+    "check_resumable",
     "leaderboard",
     "load_checkpoint",
     "load_config",
@@ -87,6 +89,7 @@ FROZEN = (
     "rungs",
     "promote",
     "final_seeds",
+    "charge_store_hits",
 )
 """Fields a resumed run must share with the run it resumes; the others are execution details."""
 
@@ -121,6 +124,9 @@ class SearchConfig:
     rungs: tuple[str, ...] | None = None  # the funnel's protocols; None: `protocol` alone
     promote: float = 0.1  # --rungs: the fraction of a rung promoted to the next
     final_seeds: int = 1  # --rungs: seeds of the last rung (its reward: their mean)
+    # a key another run paid for in a shared store costs this run's budget the first time it
+    # asks for it (``nos-sym study``: every arm pays as if it were alone)
+    charge_store_hits: bool = False
 
     def __post_init__(self):
         if isinstance(self.rungs, list | str):  # config.json keeps a list
@@ -180,7 +186,8 @@ class SearchConfig:
 @dataclass
 class Counters:
     """What a run's samples were: each is one of evaluated / from_store / degenerate; diverged
-    and failed count the evaluated ones that ended so."""
+    and failed count the evaluated ones that ended so; charged the from_store ones charged to
+    the budget (``charge_store_hits``)."""
 
     samples: int = 0
     evaluated: int = 0
@@ -190,6 +197,7 @@ class Counters:
     failed: int = 0
     best_reward: float = 0.0
     controller_steps: int = 0
+    charged: int = 0
 
     @classmethod
     def of(cls, lines: list[dict[str, Any]], steps: int) -> Counters:
@@ -204,6 +212,7 @@ class Counters:
         if line["outcome"] == "evaluated" and line["status"] in ("diverged", "failed"):
             setattr(self, line["status"], getattr(self, line["status"]) + 1)
         self.best_reward = max(self.best_reward, line["reward"])
+        self.charged += bool(line.get("charged"))
 
 
 class TornLogWarning(InputWarning):
@@ -315,6 +324,20 @@ def load_config(run_dir: str | Path) -> tuple[SearchConfig, str]:
         raise SearchError(f"{path} is damaged: {error}") from None
 
 
+def check_resumable(run_dir: str | Path, saved: SearchConfig, config: SearchConfig) -> None:
+    """A :class:`SearchError` when ``config`` differs from the ``saved`` config of ``run_dir``
+    in a :data:`FROZEN` field (naming each one), so that the run cannot be resumed with it."""
+    mismatched = [name for name in FROZEN if getattr(saved, name) != getattr(config, name)]
+    if mismatched:
+        details = ", ".join(
+            f"{name}: {getattr(saved, name)!r} → {getattr(config, name)!r}" for name in mismatched
+        )
+        raise SearchError(
+            f"{run_dir} holds a run with another config ({details});"
+            " resume it with the same options or use a new --run-dir"
+        )
+
+
 def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
     """The run's last checkpoint (None before the first update). A file that cannot be loaded is
     a :class:`SearchError` saying what to do; the file is left as it is."""
@@ -404,11 +427,12 @@ def leaderboard_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def status(run_dir: str | Path) -> dict[str, Any]:
-    """Counts of a run: samples, unique keys, evaluated, from_store, degenerate, diverged,
-    failed, best reward (of the samples), controller steps; in a ``--rungs`` run also
+    """Counts of a run: samples, unique keys, evaluated, from_store (with
+    ``charge_store_hits``: then charged, those of them charged to the budget), degenerate,
+    diverged, failed, best reward (of the samples), controller steps; in a ``--rungs`` run also
     ``rungs`` (per rung, :meth:`Funnel.counts`), the ``compute`` spent and the ``budget``, both
     in evaluations of the last rung."""
-    load_config(run_dir)
+    config = load_config(run_dir)[0]
     lines = read_samples(run_dir)
     checkpoint = load_checkpoint(run_dir)
     counters = Counters.of(lines, int(checkpoint["step"]) if checkpoint else 0)
@@ -425,10 +449,11 @@ def status(run_dir: str | Path) -> dict[str, Any]:
         "best_reward",
         "controller_steps",
     ]
+    if config.charge_store_hits:
+        order.insert(order.index("from_store") + 1, "charged")
     result = {name: summary[name] for name in order}
     funnel = read_funnel(run_dir)
     if funnel is not None:
-        config = load_config(run_dir)[0]
         unit = funnel.rungs[-1].cost
         result["rungs"] = funnel.counts()
         result["compute"] = round(funnel.spent() / unit, 6)

@@ -11,10 +11,16 @@ One controller step:
    (duplicates included), append the samples to the log and write a checkpoint.
 
 Every sample is exactly one of ``evaluated`` / ``from_store`` / ``degenerate``, and ``--budget``
-counts evaluations paid for. With ``workers`` K the runner keeps up to ⌈K/batch⌉ batches in
-flight, each sampled from the policy of its time; batches are folded into the controller in the
-order they were sampled, using the log-probabilities recorded at sampling (so a stale batch is
-weighted correctly by TRPO's importance ratio).
+counts evaluations paid for. With ``charge_store_hits`` (``nos-sym study``'s arms, which share one
+store), the first time this run asks for a key that another run paid for (or is evaluating), the
+sample is ``from_store`` with ``"charged": true`` and costs budget as if this run had trained it:
+budget spent = evaluated + charged, and still samples = evaluated + from_store + degenerate (a
+promotion's line has ``charged``: its seeds answered by another run, charged at its rung's cost).
+
+With ``workers`` K the runner keeps up to ⌈K/batch⌉ batches in flight, each sampled from the
+policy of its time; batches are folded into the controller in the order they were sampled, using
+the log-probabilities recorded at sampling (so a stale batch is weighted correctly by TRPO's
+importance ratio).
 
 A key another run is evaluating is waited for through :meth:`RewardStore.wait`; if that run
 stops without a result (its lease released or expired), the sample is ``failed`` (reward 0) and
@@ -75,6 +81,7 @@ from nos_sym.controller.rundir import (
     SearchConfig,
     SearchError,
     atomic_write,
+    check_resumable,
     leaderboard,
     load_checkpoint,
     load_config,
@@ -127,6 +134,7 @@ class _Pending:
     claim: Claim | None = None  # set on the sample that paid for the evaluation
     result: EvalResult | None = None  # already known (finished in the store, or in the log)
     fingerprint: str | None = None
+    charged: bool = False  # from_store, but charged to the budget (--charge-store-hits)
 
 
 @dataclass
@@ -136,6 +144,12 @@ class _Running:
     promotion: Promotion
     parts: list[_Pending]
     paid: int
+    charged: int = 0  # seeds answered by another run's evaluation, charged as if paid
+
+    @property
+    def cost(self) -> int:
+        """Seeds charged to the budget: paid, and answered by another run but charged."""
+        return self.paid + self.charged
 
 
 @dataclass
@@ -227,16 +241,7 @@ class SearchRun:
             saved, run_id = load_config(self.files.root)
             if config is None:
                 return saved, run_id, False
-            mismatched = [name for name in FROZEN if getattr(saved, name) != getattr(config, name)]
-            if mismatched:
-                details = ", ".join(
-                    f"{name}: {getattr(saved, name)!r} → {getattr(config, name)!r}"
-                    for name in mismatched
-                )
-                raise SearchError(
-                    f"{self.files.root} holds a run with another config ({details});"
-                    " resume it with the same options or use a new --run-dir"
-                )
+            check_resumable(self.files.root, saved, config)
             return config, run_id, True
         if config is None:
             raise SearchError(f"{self.files.root} is not a search run directory")
@@ -316,22 +321,30 @@ class SearchRun:
     def _claim(
         self, rule: Rule, spent: int, jobs: list, first_time: bool, fingerprint: str | None
     ) -> _Pending | None:
-        """Claim a new key in the store: ours to evaluate, already finished, or someone else's."""
+        """Claim a new key in the store: ours to evaluate, already finished, or someone else's.
+        With ``charge_store_hits``, a key this run asks for the first time that another run
+        paid for (or is evaluating) is charged as if this run had trained it."""
         answer = self.store.claim(*self._identity(rule.key), dsl=rule.dsl, owner=self.run_id)
+        charged = self.config.charge_store_hits and first_time
         if isinstance(answer, Record):
             # paid by this run before a crash, in the step being redone: still ours
             paid_by_us = (answer.extra or {}).get("run") == self.run_id and first_time
             outcome = "evaluated" if paid_by_us else "from_store"
-            if outcome == "evaluated" and not self._fits(spent, self.rungs[0].cost):
+            charged = charged and not paid_by_us
+            if (paid_by_us or charged) and not self._fits(spent, self.rungs[0].cost):
                 return None
-            return _Pending(rule, outcome, result=answer.result, fingerprint=fingerprint)
+            return _Pending(
+                rule, outcome, result=answer.result, fingerprint=fingerprint, charged=charged
+            )
         if not self._fits(spent, self.rungs[0].cost):
             if isinstance(answer, Claim):
                 self.store.release(answer)
             return None
         if answer is None:  # another run is evaluating it: wait for its result
             future = self._wait(rule)
-            pending = _Pending(rule, "from_store", future=future, fingerprint=fingerprint)
+            pending = _Pending(
+                rule, "from_store", future=future, fingerprint=fingerprint, charged=charged
+            )
         else:
             future = futures.Future()
             jobs.append((self._job(rule), future))
@@ -350,7 +363,7 @@ class SearchRun:
             pending = self._classify(as_rule(dsl), spent, jobs)
             if pending is None:  # the budget is spent: the batch ends here
                 break
-            spent += (pending.outcome == "evaluated") * self.rungs[0].cost
+            spent += _charged(pending) * self.rungs[0].cost
             batch.pending.append(pending)
         if len(batch.pending) < len(samples):
             batch.samples = samples.subset(list(range(len(batch.pending))))
@@ -374,7 +387,8 @@ class SearchRun:
 
         # judged before claiming (a claim released at once would stop another run waiting)
         records = [self.store.get(*identity) for identity in identities]
-        at_most = sum(record is None or ours(record) for record in records)
+        charge = self.config.charge_store_hits  # every seed costs, whoever trained it
+        at_most = sum(charge or record is None or ours(record) for record in records)
         if not self._fits(spent, at_most * rung.cost):
             return None
         answers = [
@@ -395,7 +409,7 @@ class SearchRun:
                 parts.append(_Pending(rule, outcome, future=future, claim=answer))
         for job in jobs:  # one seed a submission: the gpu backend trains a batch under one seed
             _submit(backend, [job])
-        return _Running(promotion, parts, sum(mine))
+        return _Running(promotion, parts, sum(mine), charge * (len(mine) - sum(mine)))
 
     def _start_promotions(self, backend: Backend, spent: int) -> int:
         """Start the waiting promotions in the order they were decided, while they fit the
@@ -406,7 +420,7 @@ class SearchRun:
                 break
             self._queue.popleft()
             self._running.append(running)
-            spent += running.paid * self.rungs[running.promotion.rung].cost
+            spent += running.cost * self.rungs[running.promotion.rung].cost
         return spent
 
     def _promotion_lines(self, step: int, wait: bool) -> list[dict[str, Any]]:
@@ -431,6 +445,7 @@ class SearchRun:
                     "seeds": list(rung.seeds),
                     "outcome": "evaluated" if running.paid else "from_store",
                     "paid": running.paid,
+                    **({"charged": running.charged} if self.config.charge_store_hits else {}),
                     "status": next((r.status for r in results if r.status != "ok"), "ok"),
                     "reward": seed_stats(rewards)[0],
                     "rewards": rewards,
@@ -483,6 +498,7 @@ class SearchRun:
                     "status": "degenerate" if result is None else result.status,
                     "reward": 0.0 if result is None else result.reward,
                     **({"fingerprint": pending.fingerprint} if pending.fingerprint else {}),
+                    **({"charged": True} if pending.charged else {}),
                 }
             )
             if self.config.rungs is not None and pending.outcome == "evaluated":
@@ -586,9 +602,14 @@ class SearchRun:
 
     def _spent(self, in_flight: collections.deque[_Batch]) -> int:
         """Training steps committed: logged, and in flight (samples and promotions)."""
-        samples = sum(p.outcome == "evaluated" for b in in_flight for p in b.pending)
-        promotions = sum(r.paid * self.rungs[r.promotion.rung].cost for r in self._running)
+        samples = sum(_charged(p) for b in in_flight for p in b.pending)
+        promotions = sum(r.cost * self.rungs[r.promotion.rung].cost for r in self._running)
         return self.funnel.spent() + samples * self.rungs[0].cost + promotions
+
+
+def _charged(pending: _Pending) -> bool:
+    """Whether a sample costs budget: it paid for its evaluation, or is charged as if it had."""
+    return pending.outcome == "evaluated" or pending.charged
 
 
 def _submit(backend: Backend, jobs: list[tuple[Job, futures.Future[EvalResult]]]) -> None:

@@ -109,6 +109,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "top": ("nos_sym.controller.commands:add_top", "a run's leaderboard"),
     "status": ("nos_sym.controller.commands:add_status", "a run's counts"),
     "report": ("nos_sym.controller.commands:add_report", "reward curves and best trees of a run"),
+    "study": (
+        "nos_sym.controller.commands:add_study",
+        "does the search beat random? arms at equal compute, curves, final table, rank test",
+    ),
     "rosenbrock": (
         "nos_sym.tasks.commands:add_rosenbrock",
         "run rules on the 2-D Rosenbrock function (paper Figure 6): table, JSON, figures",

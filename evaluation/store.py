@@ -33,6 +33,7 @@ application's SQLite database) is refused before anything is written to it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -139,7 +140,6 @@ _ROW_COLUMNS = (
 )
 _RECORD_COLUMNS = ", ".join(_ROW_COLUMNS)
 _PRIMARY_KEY = "key = ? AND protocol = ? AND task = ? AND seed = ?"
-_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 class StoreError(UserError, RuntimeError):
@@ -473,20 +473,32 @@ def _primary_key(claim: Claim) -> tuple[str, str, str, int]:
 
 
 def _check_header(path: Path) -> None:
-    """Refuse, before SQLite touches it, a file that is not an SQLite database (an empty file is
-    one: SQLite makes it a new database)."""
+    """Refuse, before anything is written to it, a file that is not an SQLite database (an empty
+    file is one: SQLite makes it a new database).
+
+    The file is read through a read-only SQLite connection, never with ``open()``: closing any
+    descriptor of a database file drops every POSIX lock this process holds on it, so a plain
+    ``open``/``close`` while another connection of the process (a :class:`LeaseKeeper`'s, a
+    waiting thread's) holds a lock lets other processes write under it and corrupts the store.
+    """
     try:
-        with open(path, "rb") as handle:
-            header = handle.read(len(_SQLITE_HEADER))
+        if path.stat().st_size == 0:
+            return
     except FileNotFoundError:
         return  # a new store
     except OSError as error:
         raise StoreError(f"{path}: cannot read it ({error.strerror or error})") from None
-    if header and header != _SQLITE_HEADER:
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            db.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as error:
+        if "not a database" not in str(error):
+            raise StoreError(f"{path}: cannot read it ({error})") from None
         raise StoreError(
             f"{path} is not an SQLite database (no SQLite header), so not a reward store; "
             "give a reward-store file or a new path"
-        )
+        ) from None
 
 
 def _outcome_values(result: EvalResult, extra: Mapping[str, Any] | None) -> tuple[Any, ...]:

@@ -444,3 +444,27 @@ def test_an_unkept_lease_expires_and_the_keeper_drops_a_lost_claim(store: Reward
     with pytest.raises(ClaimLostError):
         store.complete(claim, result())
     assert store.complete(taken, result(reward=0.25)).result.reward == 0.25
+
+
+def test_opening_a_store_never_opens_its_file_outside_sqlite(tmp_path: Path, monkeypatch) -> None:
+    """Closing any descriptor of a database file drops every POSIX lock the process holds on it:
+    a plain open()/close() beside a live connection (a LeaseKeeper's) let other processes write
+    under that connection's lock and corrupted a store shared by two transfer workers."""
+    import builtins
+    import io
+
+    path = tmp_path / "store.sqlite"
+    RewardStore(path).close()
+    real_open = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if Path(str(file)).resolve() == path.resolve():
+            raise AssertionError("the store file was opened outside SQLite")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(io, "open", guarded)
+    with RewardStore(path) as store, LeaseKeeper(path) as leases:
+        claim = store.claim(*RULE, dsl=DSL, owner="a")
+        leases.hold(claim)
+        assert store.complete(claim, result()).result.reward == 0.5

@@ -1,5 +1,6 @@
-"""Start-up: ``nos-sym top`` and ``status`` import neither torch nor matplotlib, and the
-controller step that ``status`` reads from ``checkpoint.json`` is the checkpoint's own."""
+"""Start-up: ``nos-sym parse``, ``tree``, ``top`` and ``status`` import neither torch nor
+matplotlib, and the controller step that ``status`` reads from ``checkpoint.json`` is the
+checkpoint's own."""
 
 from __future__ import annotations
 
@@ -24,15 +25,25 @@ def finished_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_top_and_status_start_without_torch_or_matplotlib(finished_run):
-    commands = [
-        ["top", str(finished_run), "--format", fmt] for fmt in ("text", "json", "latex", "markdown")
-    ] + [["status", str(finished_run), "--format", fmt] for fmt in ("text", "json")]
+HEAVY = ("torch", "matplotlib", "nos_sym.evaluation.evaluator")
+
+
+@pytest.mark.parametrize("name", ["parse", "tree", "top", "status"])
+def test_light_commands_start_without_torch(finished_run, tmp_path, name):
+    """A command imports only its own module: none of these loads torch, matplotlib or the
+    evaluator, in any output format."""
+    run, rule = str(finished_run), "m v id sqrt div"
+    commands = {
+        "parse": [["parse", rule, "--format", fmt] for fmt in ("text", "latex", "json", "dsl")],
+        "tree": [["tree", rule, "-o", str(tmp_path / "t.dot")]],
+        "top": [["top", run, "--format", fmt] for fmt in ("text", "json", "latex", "markdown")],
+        "status": [["status", run, "--format", fmt] for fmt in ("text", "json")],
+    }[name]
     script = (
         "import sys; from nos_sym.cli import main\n"
         f"for argv in {commands!r}:\n"
         "    assert main(argv) == 0, argv\n"
-        "loaded = [m for m in ('torch', 'matplotlib') if m in sys.modules]\n"
+        f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

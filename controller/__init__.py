@@ -13,24 +13,57 @@
 * :mod:`.funnel`: the successive-halving funnel of a search (``--rungs``): rung costs, ASHA.
 """
 
-from nos_sym.controller.algorithms import (
-    ALGORITHMS,
-    REINFORCE,
-    TRPO,
-    Algorithm,
-    RandomSearch,
-    make_algorithm,
-)
-from nos_sym.controller.evolution import RegularizedEvolution
-from nos_sym.controller.policy import Policy, Samples
-from nos_sym.controller.space import (
-    SPACES,
-    SearchSpace,
-    get_space,
-    size,
-    uniform_sample,
-    uniform_sample_indices,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "ALGORITHMS": "algorithms",
+    "REINFORCE": "algorithms",
+    "TRPO": "algorithms",
+    "Algorithm": "algorithms",
+    "RandomSearch": "algorithms",
+    "make_algorithm": "algorithms",
+    "RegularizedEvolution": "evolution",
+    "Policy": "policy",
+    "Samples": "policy",
+    "SPACES": "space",
+    "SearchSpace": "space",
+    "get_space": "space",
+    "size": "space",
+    "uniform_sample": "space",
+    "uniform_sample_indices": "space",
+}
+"""Name → its module; imported on first use (PEP 562), so the light readers of a run
+(``nos_sym.controller.rundir`` for ``nos-sym top``/``status``) start without torch."""
+
+if TYPE_CHECKING:
+    from nos_sym.controller.algorithms import (
+        ALGORITHMS,
+        REINFORCE,
+        TRPO,
+        Algorithm,
+        RandomSearch,
+        make_algorithm,
+    )
+    from nos_sym.controller.evolution import RegularizedEvolution
+    from nos_sym.controller.policy import Policy, Samples
+    from nos_sym.controller.space import (
+        SPACES,
+        SearchSpace,
+        get_space,
+        size,
+        uniform_sample,
+        uniform_sample_indices,
+    )
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"nos_sym.controller.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'nos_sym.controller' has no attribute {name!r}")
+
 
 __all__ = [
     "ALGORITHMS",

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import torch
 
+from nos_sym.choices import BACKENDS
 from nos_sym.errors import SearchError
 from nos_sym.evaluation.outcome import EvalResult
 from nos_sym.tasks.base import Task
@@ -40,7 +41,6 @@ __all__ = [
     "make_backend",
 ]
 
-BACKENDS = ("inline", "process", "ray", "gpu")
 MESSAGE_LIMIT = 2000
 """Characters kept of a failure's message."""
 

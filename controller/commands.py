@@ -1,32 +1,31 @@
-"""``nos-sym search``, ``top``, ``status``, ``report`` and ``study``."""
+"""``nos-sym search``, ``report`` and ``study`` (``top`` and ``status``:
+:mod:`~nos_sym.controller.read_commands`, re-exported)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 from nos_sym.controller.backends import BACKENDS
+from nos_sym.controller.read_commands import add_status, add_top, print_top
 from nos_sym.controller.rundir import (
     ALGORITHMS,
     DEDUP,
     Counters,
     SearchConfig,
     SearchError,
-    leaderboard,
-    leaderboard_markdown,
     load_checkpoint,
     load_config,
-    status,
-    status_rows,
 )
 from nos_sym.controller.search import SearchRun
 from nos_sym.controller.space import SPACES
 from nos_sym.evaluation.datasets import DATASETS
 from nos_sym.evaluation.protocol import PROTOCOLS
 from nos_sym.tasks.registry import TASKS
+
+__all__ = ["add_report", "add_search", "add_status", "add_study", "add_top", "config_from"]
 
 _SEARCH_OPTIONS = {
     # option: (config field, type, help)
@@ -109,47 +108,8 @@ def _search_command(args: argparse.Namespace) -> None:
             f"the controller only re-sampled known rules; {paid():g} of "
             f"{config.budget} evaluations paid"
         )
-    _print_top(args.run_dir, 10, "text")
+    print_top(args.run_dir, 10, "text")
     print(f"\nreport: nos-sym report {args.run_dir} -o {Path(args.run_dir) / 'report.png'}")
-
-
-def _print_top(run_dir: str, n: int, fmt: str) -> None:
-    rows = leaderboard(run_dir, n)
-    if fmt == "json":
-        print(json.dumps(rows))
-    elif fmt == "latex":
-        for row in rows:
-            print(f"{row['reward']:.4f} & \\texttt{{{row['minimal_dsl']}}} & ${row['latex']}$ \\\\")
-    elif fmt == "markdown":
-        print(leaderboard_markdown(rows))
-    else:
-        # a --rungs run: each row's protocol (its highest rung), mean ± std over n seeds
-        funnel = any("protocol" in row for row in rows)
-        print(f"{'#':>3}  {'reward':>7}  " + "± std    seeds  rung:protocol  " * funnel, end="")
-        print(f"{'status':<9}  rule (minimal form)")
-        for i, row in enumerate(rows, start=1):
-            where = ""
-            if funnel:
-                rung = f"{row['rung']}:{row['protocol']}"
-                where = f"± {row['std']:.4f}  {len(row['seeds']):>5}  {rung:<13}  "
-            print(
-                f"{i:>3}  {row['reward']:7.4f}  {where}{row['status']:<9}  {row['minimal_dsl']}  "
-                f"[{row['key'][:10]}]  {row['latex']}"
-            )
-
-
-def _top_command(args: argparse.Namespace) -> None:
-    load_config(args.run_dir)
-    _print_top(args.run_dir, args.n, args.format)
-
-
-def _status_command(args: argparse.Namespace) -> None:
-    summary = status(args.run_dir)
-    if args.format == "json":
-        print(json.dumps(summary))
-        return
-    for name, value in status_rows(summary):
-        print(f"{name:>16}: {value}")
 
 
 def _report_command(args: argparse.Namespace) -> None:
@@ -177,19 +137,6 @@ def add_search(command: argparse.ArgumentParser) -> None:
     for option, (field, kind, text) in _SEARCH_OPTIONS.items():
         command.add_argument(option, dest=field, type=kind, default=None, help=text)
     command.set_defaults(run=_search_command)
-
-
-def add_top(command: argparse.ArgumentParser) -> None:
-    command.add_argument("run_dir")
-    command.add_argument("-n", type=int, default=10)
-    command.add_argument("--format", choices=("text", "json", "latex", "markdown"), default="text")
-    command.set_defaults(run=_top_command)
-
-
-def add_status(command: argparse.ArgumentParser) -> None:
-    command.add_argument("run_dir")
-    command.add_argument("--format", choices=("text", "json"), default="text")
-    command.set_defaults(run=_status_command)
 
 
 def add_report(command: argparse.ArgumentParser) -> None:

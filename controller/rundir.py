@@ -11,6 +11,8 @@ A run directory holds:
   charged to the budget);
 * ``checkpoint.pt``: controller, optimizer, baseline and RNG states, written atomically after
   every update and loaded with ``torch.load(weights_only=True)``;
+* ``checkpoint.json``: the step of ``checkpoint.pt`` with its size and mtime, written after it
+  (``nos-sym status`` reads it instead of loading torch; absent in older run directories);
 * ``store.sqlite``: the reward store, unless ``--store`` shares one.
 
 Damage: an unterminated last line of ``samples.jsonl`` is an append cut short (a power loss, a
@@ -33,15 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from nos_sym.controller.algorithms import ALGORITHMS as ALGORITHM_CLASSES
-from nos_sym.controller.backends import BACKENDS
+from nos_sym.choices import ALGORITHMS, BACKENDS, DATASETS, SPACES
 from nos_sym.controller.funnel import Funnel, Rung, seed_stats
-from nos_sym.controller.space import SPACES
 from nos_sym.dsl import as_rule
 from nos_sym.errors import InputWarning, SearchError
-from nos_sym.evaluation.datasets import DATASETS
 
 if TYPE_CHECKING:
     from nos_sym.tasks.base import Task
@@ -58,6 +55,7 @@ __all__ = [
     "TornLogWarning",
     "atomic_write",
     "check_resumable",
+    "checkpoint_step",
     "leaderboard",
     "load_checkpoint",
     "load_config",
@@ -68,10 +66,10 @@ __all__ = [
     "status",
     "status_rows",
     "steps",
+    "write_checkpoint_step",
 ]
 
 OUTCOMES = ("evaluated", "from_store", "degenerate")
-ALGORITHMS = tuple(ALGORITHM_CLASSES)
 DEDUP = ("key", "numeric")
 FROZEN = (
     "algo",
@@ -251,6 +249,10 @@ class RunFiles:
         return self.root / "checkpoint.pt"
 
     @property
+    def checkpoint_step(self) -> Path:
+        return self.root / "checkpoint.json"
+
+    @property
     def funnel(self) -> Path:
         return self.root / "funnel.json"
 
@@ -344,6 +346,8 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
     path = RunFiles(Path(run_dir)).checkpoint
     if not path.exists():
         return None
+    import torch  # here: the readers that need no checkpoint start without torch
+
     try:
         state = torch.load(path, weights_only=True)
     except Exception:  # torch raises EOFError, UnpicklingError, RuntimeError, ... on damage
@@ -356,6 +360,35 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
             "--run-dir"
         )
     return state
+
+
+def write_checkpoint_step(run_dir: str | Path, step: int) -> None:
+    """Write ``checkpoint.json``, ``{"step", "size", "mtime_ns"}`` of the ``checkpoint.pt`` just
+    written, so that :func:`checkpoint_step` reads the step without torch."""
+    files = RunFiles(Path(run_dir))
+    stat = files.checkpoint.stat()
+    text = json.dumps({"step": step, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    atomic_write(files.checkpoint_step, lambda path: path.write_text(text))
+
+
+def checkpoint_step(run_dir: str | Path) -> int:
+    """The controller step of the run's last checkpoint (0 before the first update): from
+    ``checkpoint.json`` when it describes the ``checkpoint.pt`` there (same size and mtime),
+    else from ``checkpoint.pt`` itself (:func:`load_checkpoint`: a run directory written before
+    ``checkpoint.json`` existed, a checkpoint replaced or damaged since)."""
+    files = RunFiles(Path(run_dir))
+    try:
+        stat = files.checkpoint.stat()
+        saved = json.loads(files.checkpoint_step.read_text())
+        if stat.st_size > 0 and (saved["size"], saved["mtime_ns"]) == (
+            stat.st_size,
+            stat.st_mtime_ns,
+        ):
+            return int(saved["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no usable sidecar: read the checkpoint
+    checkpoint = load_checkpoint(run_dir)
+    return int(checkpoint["step"]) if checkpoint else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,8 +467,7 @@ def status(run_dir: str | Path) -> dict[str, Any]:
     in evaluations of the last rung."""
     config = load_config(run_dir)[0]
     lines = read_samples(run_dir)
-    checkpoint = load_checkpoint(run_dir)
-    counters = Counters.of(lines, int(checkpoint["step"]) if checkpoint else 0)
+    counters = Counters.of(lines, checkpoint_step(run_dir))
     summary = dataclasses.asdict(counters)
     summary["unique"] = len({line["key"] for line in lines})
     order = [

@@ -89,6 +89,7 @@ from nos_sym.controller.rundir import (
     read_samples,
     status,
     steps,
+    write_checkpoint_step,
 )
 from nos_sym.controller.space import get_space
 from nos_sym.dsl import Rule, as_rule
@@ -515,6 +516,7 @@ class SearchRun:
             "last_update": {k: float(v) for k, v in stats.items()},
         }
         atomic_write(self.files.checkpoint, lambda path: torch.save(state, path))
+        write_checkpoint_step(self.files.root, self.step)
         for line in lines:
             self.counters.add(line)
         self.counters.controller_steps = self.step

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from nos_sym.choices import DATASETS
 from nos_sym.errors import UserError
 
 try:  # numpy >= 2
@@ -62,7 +63,6 @@ __all__ = [
     "validation_split",
 ]
 
-DATASETS = ("fashion-mnist", "cifar10", "synthetic")
 
 SYSTEM_DIR = Path("/usr/share/datasets")
 """Where Debian's ``dataset-*`` packages install data sets."""

@@ -106,8 +106,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "how well cheap protocols rank rules against an expensive one: table, JSON, scatter plots",
     ),
     "search": ("nos_sym.controller.commands:add_search", "run (or resume) a dedup-aware search"),
-    "top": ("nos_sym.controller.commands:add_top", "a run's leaderboard"),
-    "status": ("nos_sym.controller.commands:add_status", "a run's counts"),
+    "top": ("nos_sym.controller.read_commands:add_top", "a run's leaderboard"),
+    "status": ("nos_sym.controller.read_commands:add_status", "a run's counts"),
     "report": ("nos_sym.controller.commands:add_report", "reward curves and best trees of a run"),
     "study": (
         "nos_sym.controller.commands:add_study",

@@ -236,20 +236,6 @@ def test_evaluate_with_a_store_that_is_not_sqlite(tmp_path, content):
     assert hashlib.sha256(store.read_bytes()).hexdigest() == digest
 
 
-def test_parse_and_tree_start_without_torch(tmp_path):
-    """A command imports only its own module: parse and tree never load torch or the evaluator."""
-    script = (
-        "import sys; from nos_sym.cli import main\n"
-        f"assert main(['parse', 'm v id sqrt div']) == 0\n"
-        f"assert main(['tree', 'm v id sqrt div', '-o', {str(tmp_path / 't.dot')!r}]) == 0\n"
-        "loaded = [m for m in ('torch', 'matplotlib', 'nos_sym.evaluation.evaluator')"
-        " if m in sys.modules]\n"
-        "assert not loaded, loaded\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-
-
 def test_every_command_defines_its_arguments():
     from nos_sym.cli import COMMANDS, build_parser
 

@@ -1,0 +1,96 @@
+"""Start-up: ``nos-sym parse``, ``tree``, ``top`` and ``status`` import neither torch nor
+matplotlib, and the controller step that ``status`` reads from ``checkpoint.json`` is the
+checkpoint's own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_search import InstantBackend, config
+
+from nos_sym.choices import ALGORITHMS, BACKENDS, DATASETS, SPACES
+from nos_sym.controller.rundir import checkpoint_step, load_checkpoint, status
+from nos_sym.controller.search import SearchRun
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A run of 2 steps, paid for instantly."""
+    run_dir = tmp_path_factory.mktemp("startup") / "run"
+    SearchRun(run_dir, config(algo="random", budget=8, batch=4)).run(backend=InstantBackend())
+    return run_dir
+
+
+HEAVY = ("torch", "matplotlib", "nos_sym.evaluation.evaluator")
+
+
+@pytest.mark.parametrize("name", ["parse", "tree", "top", "status"])
+def test_light_commands_start_without_torch(finished_run, tmp_path, name):
+    """A command imports only its own module: none of these loads torch, matplotlib or the
+    evaluator, in any output format."""
+    run, rule = str(finished_run), "m v id sqrt div"
+    commands = {
+        "parse": [["parse", rule, "--format", fmt] for fmt in ("text", "latex", "json", "dsl")],
+        "tree": [["tree", rule, "-o", str(tmp_path / "t.dot")]],
+        "top": [["top", run, "--format", fmt] for fmt in ("text", "json", "latex", "markdown")],
+        "status": [["status", run, "--format", fmt] for fmt in ("text", "json")],
+    }[name]
+    script = (
+        "import sys; from nos_sym.cli import main\n"
+        f"for argv in {commands!r}:\n"
+        "    assert main(argv) == 0, argv\n"
+        f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def _stale(run_dir: Path) -> None:
+    """The checkpoint rewritten after its step was recorded (e.g. copied or replaced)."""
+    path = run_dir / "checkpoint.pt"
+    path.write_bytes(path.read_bytes() + b"")  # a new mtime, the same content
+    record = json.loads((run_dir / "checkpoint.json").read_text())
+    (run_dir / "checkpoint.json").write_text(json.dumps({**record, "step": 99, "mtime_ns": 0}))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda run_dir: None,  # as written by the run loop
+        lambda run_dir: (run_dir / "checkpoint.json").unlink(),  # a run dir from before
+        lambda run_dir: (run_dir / "checkpoint.json").write_text("{not json"),
+        _stale,
+    ],
+    ids=["sidecar", "no-sidecar", "damaged-sidecar", "stale-sidecar"],
+)
+def test_checkpoint_step_is_the_checkpoints(finished_run, tmp_path, change):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for path in finished_run.iterdir():
+        (run_dir / path.name).write_bytes(path.read_bytes())
+    if change is not _stale and (finished_run / "checkpoint.json").exists():
+        # the copy gave checkpoint.pt a new mtime: record it as the run loop would have
+        stat = (run_dir / "checkpoint.pt").stat()
+        record = json.loads((run_dir / "checkpoint.json").read_text())
+        record |= {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        (run_dir / "checkpoint.json").write_text(json.dumps(record))
+    change(run_dir)
+    step = load_checkpoint(finished_run)["step"]
+    assert checkpoint_step(run_dir) == step > 0
+    assert status(run_dir)["controller_steps"] == step
+
+
+def test_the_light_names_are_the_implementations():
+    from nos_sym.controller.algorithms import ALGORITHMS as ALGORITHM_CLASSES
+    from nos_sym.controller.backends import BACKENDS as BACKEND_NAMES
+    from nos_sym.controller.space import SPACES as SPACE_PRESETS
+    from nos_sym.evaluation.datasets import DATASETS as DATASET_NAMES
+
+    assert tuple(ALGORITHM_CLASSES) == ALGORITHMS
+    assert tuple(SPACE_PRESETS) == SPACES
+    assert BACKEND_NAMES == BACKENDS and DATASET_NAMES == DATASETS

@@ -349,7 +349,9 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
     import torch  # here: the readers that need no checkpoint start without torch
 
     try:
-        state = torch.load(path, weights_only=True)
+        with warnings.catch_warnings():  # a damaged file is one line below, not torch's warnings
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True)
     except Exception:  # torch raises EOFError, UnpicklingError, RuntimeError, ... on damage
         state = None
     if not (isinstance(state, dict) and {"step", "algorithm"} <= state.keys()):

@@ -397,7 +397,15 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", os.urandom(64)])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"PK\x03\x04 cut short",
+        bytes(range(7, 256, 4)),  # garbage
+        b"\x80\xa9" + bytes(range(62)),  # a pickle of unknown protocol: torch warns, then fails
+    ],
+)
 def test_a_damaged_checkpoint_is_one_line_and_left_as_it_is(finished_run, tmp_path, content):
     run_dir = _copy(finished_run, tmp_path)
     checkpoint = run_dir / "checkpoint.pt"

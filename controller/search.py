@@ -94,7 +94,6 @@ from nos_sym.controller.rundir import (
 from nos_sym.controller.space import get_space
 from nos_sym.dsl import Rule, as_rule
 from nos_sym.evaluation.outcome import EvalResult
-from nos_sym.evaluation.protocol import PROTOCOLS
 from nos_sym.evaluation.store import Claim, LeaseKeeper, Record, RewardStore
 from nos_sym.tasks.base import Task
 
@@ -173,7 +172,7 @@ class SearchRun:
         groups = {} if self.config.groups is None else {"groups": self.config.groups}
         space = get_space(self.config.space, **groups)
         self.task = self._task(task)
-        known = {**PROTOCOLS, **self.task.protocols}
+        known = self.task.known_protocols
         if self.config.protocol not in known:
             raise SearchError(
                 f"--protocol must be one of {', '.join(known)} (task {self.task.name!r})"

@@ -55,7 +55,6 @@ from nos_sym.controller.rundir import (
 from nos_sym.controller.search import SearchRun
 from nos_sym.dsl import Rule, parse
 from nos_sym.evaluation.memoized import evaluate_baseline_memoized, evaluate_memoized
-from nos_sym.evaluation.protocol import PROTOCOLS
 from nos_sym.evaluation.store import Record, RewardStore
 from nos_sym.tasks.base import Task
 from nos_sym.tasks.transfer import machine, mean_std
@@ -158,7 +157,7 @@ def _checked(
     checked before anything is written: protocols the task knows, existing arms resumable with
     these options, the study's own files readable."""
     task = config.arm(config.algos[0], config.seeds[0], "").resolved_task()
-    known = {**PROTOCOLS, **task.protocols}
+    known = task.known_protocols
     for option, names in (
         ("--rungs", config.rungs or ()),
         ("--protocol", () if config.rungs else (config.protocol,)),

@@ -186,7 +186,7 @@ def _calibrate_command(args: argparse.Namespace) -> None:
     from nos_sym.evaluation import calibrate
 
     task = task_from(args)
-    known = {**PROTOCOLS, **task.protocols}
+    known = task.known_protocols
     protocols = [task.protocol(name) for name in _names(args.protocols, known, "protocol")]
     if len(protocols) < 2:
         raise CommandError(

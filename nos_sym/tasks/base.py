@@ -111,13 +111,19 @@ class Task(abc.ABC):
         name, version and configuration are."""
         return task_identity(self.name, self.version, self.config())
 
+    @property
+    def known_protocols(self) -> dict[str, Protocol]:
+        """Every protocol this task runs under, by name: the global ones, then its own (which
+        win on a shared name)."""
+        return {**PROTOCOLS, **self.protocols}
+
     def protocol(self, protocol: str | Protocol | None = None) -> Protocol:
         """The protocol called ``protocol`` (the task's own first; None: its default); a
         :class:`Protocol` passes through."""
         if isinstance(protocol, Protocol):
             return protocol
         name = protocol or self.default_protocol
-        known = {**PROTOCOLS, **self.protocols}
+        known = self.known_protocols
         if name not in known:
             raise ValueError(
                 f"unknown protocol {name!r} for task {self.name!r}; known: {', '.join(known)}"

@@ -360,20 +360,18 @@ def bind(
         """Whether instruction ``position`` may overwrite value ``arg`` (its last reader)."""
         return program.owned[arg] and program.last_use[arg] == position and not scalar[arg]
 
+    for position, value in fold_scalars(program, values).items():
+        results[position], scalar[position] = value, True
     for position, instruction in enumerate(program.instructions):
         op, args = instruction.op, instruction.args
-        if op == "const":
-            results[position], scalar[position] = instruction.param, True
-        elif op == "leaf" and instruction.param in values:
+        if scalar[position]:
+            continue
+        if op == "leaf" and instruction.param in values:
             results[position] = values[instruction.param]
-            scalar[position] = _is_scalar(results[position])
         elif op == "leaf":
             leaves.append((position, instruction.param))
         elif op == "draw":
             drawn.append((position, instruction.param))
-        elif all(scalar[arg] for arg in args):
-            results[position] = _scalar_op(op, [results[arg] for arg in args], instruction.param)
-            scalar[position] = True
         else:
             # a + b = b + a and a·b = b·a exactly: the scalar goes second, and a temporary
             # first when only it may be overwritten
@@ -403,6 +401,23 @@ def bind(
         return values[-1]
 
     return evaluate
+
+
+def fold_scalars(program: Program, values: dict[str, object]) -> dict[int, float]:
+    """The value of every instruction computable from floats alone: the constants, the leaves
+    whose value in ``values`` is a float (bias corrections, decays), and every instruction whose
+    arguments are all such values (e.g. √c_v), by position."""
+    folded: dict[int, float] = {}
+    for position, instruction in enumerate(program.instructions):
+        op, args = instruction.op, instruction.args
+        if op == "const":
+            folded[position] = instruction.param
+        elif op == "leaf":
+            if _is_scalar(values.get(instruction.param)):
+                folded[position] = values[instruction.param]
+        elif op != "draw" and all(arg in folded for arg in args):
+            folded[position] = _scalar_op(op, [folded[arg] for arg in args], instruction.param)
+    return folded
 
 
 def _scalar_op(op: str, inputs: list[float], param) -> float:

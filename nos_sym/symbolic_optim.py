@@ -36,6 +36,7 @@ import torch
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
 from nos_sym import primitives as P
+from nos_sym import triton_step
 from nos_sym.compile import Foreach, Program, bind, optimizer_program, run
 from nos_sym.dsl import Rule
 from nos_sym.presets import resolve
@@ -223,6 +224,7 @@ def symbolic_update(
     eps: float = P.EPSILON,
     weight_decay: float = 0.0,
     maximize: bool = False,
+    fused: bool = False,
 ) -> None:
     """Apply one step of ``rule`` (a ``Rule``, DSL text or a preset name) in place: the
     functional form of :class:`SymbolicOptimizer`.
@@ -240,7 +242,7 @@ def symbolic_update(
         plan, params, grads, [state["step"] for state in states],
         {name: [state[STATE_NAME[name]] for state in states] for name in plan.averages},
         lr=lr, total_steps=total_steps, foreach=foreach, compile=compile, generator=generator,
-        betas=check_betas(betas), weight_decay=weight_decay, maximize=maximize,
+        betas=check_betas(betas), weight_decay=weight_decay, maximize=maximize, fused=fused,
     )  # fmt: skip
 
 
@@ -259,15 +261,22 @@ def _update(
     betas: tuple[float, float, float],
     weight_decay: float,
     maximize: bool,
+    fused: bool = False,
 ) -> None:
     """:func:`symbolic_update` on the tensors of initialised states: ``steps`` (0-d counts) and
     ``averages`` (name → one running average per parameter), parallel to ``params``."""
     program = plan.program
     for step in steps:
         step.add_(1)
+    traced = torch.compiler.is_compiling()  # inside torch.compile(opt.step): already compiled
+    if fused and not traced:
+        _fused_update(
+            plan, params, grads, steps, averages, lr, total_steps, generator, betas,
+            weight_decay, maximize,
+        )  # fmt: skip
+        return
     if maximize:
         grads = [-grad for grad in grads]
-    traced = torch.compiler.is_compiling()  # inside torch.compile(opt.step): already compiled
     if foreach and not compile and not traced and not isinstance(lr, torch.Tensor):
         _foreach_update(
             plan, params, grads, steps, averages, lr, total_steps, generator, betas, weight_decay
@@ -339,11 +348,11 @@ def _chunked(tensors: list[torch.Tensor], allowed: bool) -> list[list[torch.Tens
     return [[t[start : start + size] for t in flat] for start in range(0, numel, size)]
 
 
-def _foreach_update(
-    plan: _Plan, params, grads, steps, averages, lr, total_steps, generator, betas, weight_decay
-) -> None:
-    """The multi-tensor path: tensors grouped by (device, dtype, step), Δ on lists."""
-    program = plan.program
+def _step_groups(
+    program: Program, params, steps, generator
+) -> tuple[list[list[torch.Tensor]], dict[tuple, list[int]]]:
+    """Each tensor's draws (made in the per-tensor path's order, so all paths see the same
+    numbers), and the tensors' indices grouped by (device, dtype, step)."""
     counts = [int(step.item()) for step in steps]
     draws = [
         [draw.sample(p, count, generator) for draw in program.draws]
@@ -352,6 +361,38 @@ def _foreach_update(
     groups: dict[tuple, list[int]] = {}
     for index, (param, count) in enumerate(zip(params, counts, strict=True)):
         groups.setdefault((param.device, param.dtype, count), []).append(index)
+    return draws, groups
+
+
+def _fused_update(
+    plan: _Plan, params, grads, steps, averages, lr, total_steps, generator, betas, weight_decay,
+    maximize,
+) -> None:  # fmt: skip
+    """``fused=True``: one Triton launch per group of tensors of one (device, dtype, step)
+    (:mod:`nos_sym.triton_step`)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("fused=True takes one learning rate, not a tensor of several")
+        lr = lr.item()
+    draws, groups = _step_groups(plan.program, params, steps, generator)
+    for (_, _, count), indices in groups.items():
+        triton_step.launch(
+            plan.program,
+            [params[i] for i in indices],
+            [grads[i] for i in indices],
+            {name: [values[i] for i in indices] for name, values in averages.items()},
+            [draws[i] for i in indices],
+            _scalars(plan.program, count, total_steps, betas),
+            lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+        )  # fmt: skip
+
+
+def _foreach_update(
+    plan: _Plan, params, grads, steps, averages, lr, total_steps, generator, betas, weight_decay
+) -> None:
+    """The multi-tensor path: tensors grouped by (device, dtype, step), Δ on lists."""
+    program = plan.program
+    draws, groups = _step_groups(program, params, steps, generator)
     for (_, _, count), indices in groups.items():
         group_params = [params[i] for i in indices]
         group_grads = [grads[i] for i in indices]
@@ -402,6 +443,10 @@ class SymbolicOptimizer(Optimizer):
             :data:`CHUNK_BYTES`, so its temporaries stay in cache).
         compile: fuse each tensor's step with ``torch.compile`` (kernels cached per rule key;
             compiling costs seconds, so this is for long runs, not for search candidates).
+        fused: run each step as one generated Triton kernel per group of tensors
+            (:mod:`nos_sym.triton_step`; ``torch.optim.Adam(fused=True)``'s keyword): CUDA
+            tensors, or CPU ones under Triton's interpreter (``TRITON_INTERPRET=1``); needs the
+            ``triton`` extra. ``None``/``False``: the other paths.
         generator: the ``torch.Generator`` of the random primitives (default: torch's global
             RNG, reproducible under ``torch.manual_seed``; under DDP give every rank the same
             seed).
@@ -424,6 +469,7 @@ class SymbolicOptimizer(Optimizer):
         foreach: bool | None = None,
         compile: bool = False,
         generator: torch.Generator | None = None,
+        fused: bool | None = None,
     ):
         self.rule = resolve(rule)
         self.total_steps = total_steps
@@ -437,6 +483,7 @@ class SymbolicOptimizer(Optimizer):
             "maximize": bool(maximize),
             "foreach": foreach,
             "compile": bool(compile),
+            "fused": fused,
             "rule": self.rule.dsl,
             "rule_key": self.rule.key,
         }
@@ -454,7 +501,13 @@ class SymbolicOptimizer(Optimizer):
         group["betas"] = check_betas(group["betas"])
         _check_non_negative("eps", group["eps"])
         _check_non_negative("weight_decay", group["weight_decay"])
+        if group["fused"]:
+            for other in ("foreach", "compile"):
+                if group[other]:
+                    raise ValueError(f"`fused` and `{other}` cannot be `True` together.")
         super().add_param_group(group)
+        if group["fused"]:
+            triton_step.check(group["params"])
         self._group_plan(group)  # resolved before any torch.compile traces a step
 
     def __getstate__(self) -> dict[str, Any]:
@@ -554,5 +607,6 @@ class SymbolicOptimizer(Optimizer):
                 total_steps=self.total_steps, foreach=foreach, compile=group["compile"],
                 generator=self.generator, betas=group["betas"],
                 weight_decay=group["weight_decay"], maximize=group["maximize"],
+                fused=bool(group["fused"]),
             )  # fmt: skip
         return loss

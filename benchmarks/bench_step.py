@@ -3,13 +3,16 @@
 CPU (issue targets): 20 tensors × 250k fp32 params, 2 threads; DSL-PowerSign ≤ 2.5× and DSL-Adam
 ≤ 3× the time of copying the parameters (``Tensor.copy_`` into preallocated tensors), and ≤ 1.0×
 / 1.25× the time of ``torch.optim.Adam(foreach=True)``.
-GPU (when CUDA is there): 100M fp32 params in 100 tensors; DSL-PowerSign ≤ 0.80 ms on an H100,
-DSL-Adam ≤ 1.0× ``torch.optim.Adam(fused=True)``; achieved bandwidth vs a device copy.
+GPU (when CUDA is there): 100M fp32 params in 100 tensors; DSL-PowerSign ≤ 0.80 ms on an H100
+and ≤ 1.3× a device copy, DSL-Adam ≤ 1.0× ``torch.optim.Adam(fused=True)``; achieved bandwidth
+vs a device copy. The ``(fused)`` rows (``fused=True``, one generated Triton kernel per step)
+appear when triton is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 
 import torch
@@ -83,6 +86,9 @@ def candidates(device: str) -> dict[str, callable]:
         table["torch.optim.Adam(fused=True)"] = lambda p: torch.optim.Adam(p, fused=True)
         table["DSL PowerSign (compile)"] = lambda p: SymbolicOptimizer(p, POWERSIGN, compile=True)
         table["DSL Adam (compile)"] = lambda p: SymbolicOptimizer(p, ADAM, compile=True)
+        if importlib.util.find_spec("triton") is not None:  # the generated Triton kernels
+            table["DSL PowerSign (fused)"] = lambda p: SymbolicOptimizer(p, POWERSIGN, fused=True)
+            table["DSL Adam (fused)"] = lambda p: SymbolicOptimizer(p, ADAM, fused=True)
     return table
 
 
@@ -129,7 +135,8 @@ def main() -> None:
         fused = times["torch.optim.Adam(fused=True)"]
         best = min(v for k, v in times.items() if k.startswith("DSL PowerSign"))
         targets += [
-            f"- best DSL PowerSign step: {best:.3f} ms (target ≤ 0.80 ms on an H100)",
+            f"- best DSL PowerSign step: {best:.3f} ms (target ≤ 0.80 ms on an H100), "
+            f"{best / copy_ms:.2f}× the copy (target ≤ 1.3×)",
             f"- best DSL Adam / Adam(fused): "
             f"{min(v for k, v in times.items() if k.startswith('DSL Adam')) / fused:.2f}×",
         ]

@@ -17,10 +17,12 @@ and ``eps=`` change them without changing the rule's canonical key), decoupled w
 averages Δ reads kept in state. Every hyper-parameter, the rule included, is per parameter group.
 Δ runs as the straight-line program of :mod:`nos_sym.compile`: per tensor (the reference: the
 whole step, averages to update, one cache-sized chunk of a tensor after the other), on lists of
-tensors with ``torch._foreach_*`` (``foreach=True``), or fused by ``torch.compile``
-(``compile=True``, cached per rule key); the three agree to round-off. The whole ``step()`` may
+tensors with ``torch._foreach_*`` (``foreach=True``), fused by ``torch.compile``
+(``compile=True``, cached per rule key), or as one generated Triton kernel per group of tensors
+(``fused=True``, :mod:`nos_sym.triton_step`); they agree to round-off. The whole ``step()`` may
 also be compiled (``torch.compile(opt.step)``): t is then read as a tensor, so a rule without
-decays or draws compiles once.
+decays or draws compiles once (a ``fused`` group runs the per-tensor path there, which
+``torch.compile`` fuses itself).
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def _source(program: Program, averages: tuple[str, ...], dtype: torch.dtype) -> 
         *_helper("div(x, y)", division),
         *_helper("sqrt(x)", root),
         *_helper("reciprocal(x)", reciprocal),
-        "@triton.jit",
+        "@triton.jit(do_not_specialize=['n_tensors', 'n_blocks'])",  # no recompile per count
         "def step(table, blocks, n_tensors, n_blocks, BLOCK: tl.constexpr):",
         "    block = tl.program_id(0)",
         "    t = tl.load(blocks + block)",

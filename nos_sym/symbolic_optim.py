@@ -509,7 +509,11 @@ class SymbolicOptimizer(Optimizer):
                     raise ValueError(f"`fused` and `{other}` cannot be `True` together.")
         super().add_param_group(group)
         if group["fused"]:
-            triton_step.check(group["params"])
+            try:
+                triton_step.check(group["params"])
+            except (ImportError, RuntimeError):
+                self.param_groups.pop()  # the optimizer stays as it was
+                raise
         self._group_plan(group)  # resolved before any torch.compile traces a step
 
     def __getstate__(self) -> dict[str, Any]:

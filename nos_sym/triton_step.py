@@ -37,7 +37,7 @@ Source and compilation: ``triton.jit`` reads a kernel's source from its file (``
 the generated text is written to a file of a private temporary directory (named by its sha256)
 and imported. The text is built from the program's instruction names and positions alone
 (identifiers ``v<i>``, the fixed expressions below and table offsets); no user text, no number
-and no symbol name from a rule reaches it, and a leaf name outside :data:`LEAVES` is refused.
+and no symbol name from a rule reaches it (a leaf outside :data:`LEAVES` is a table scalar).
 Kernels are cached per (program, dtype, interpreter or not); ``triton`` is imported at the first
 kernel, so ``import nos_sym`` never needs it.
 """

@@ -114,6 +114,18 @@ def test_the_rules_above_use_every_instruction():
     assert ops == set(triton_step.EXPRESSIONS) | {"leaf", "const", "draw"}
 
 
+def test_the_source_holds_no_number_of_the_rule():
+    """Rules that differ only in a clip bound, and a rule at another ε, share one source."""
+
+    def source(rule, eps=1e-8):
+        program = _plan(resolve(rule), eps).program
+        return triton_step._source(program, ("m", "v"), torch.float32)
+
+    clipped = source("m v clip_1e-3 id div")
+    assert source("m v clip_1e-4 id div") == clipped
+    assert source("m v clip_1e-3 id div", eps=1e-4) == clipped
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_computes_in_float32(dtype):
     """Averages and w are stored in the parameter's dtype, the math runs in float32 (as torch's
@@ -178,6 +190,11 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="fused=True needs CUDA tensors and triton"):
         SymbolicOptimizer(make_params(torch.float32), ADAM, fused=True)
+    params = make_params(torch.float32)
+    optimizer = SymbolicOptimizer(params[:1], ADAM)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        optimizer.add_param_group({"params": params[1:], "fused": True})
+    assert len(optimizer.param_groups) == 1
 
 
 def test_missing_triton_names_the_extra(monkeypatch):

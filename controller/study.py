@@ -12,7 +12,8 @@ The report:
 * best reward so far against compute, per arm: after each logged line, compute = the training
   steps paid or charged so far / the last rung's cost (:meth:`Funnel.spent`), best = the highest
   reward of a candidate at the last rung (the only rung whose rewards are comparable across
-  candidates); an algorithm's curve is the mean over its arms where defined, with the min–max band;
+  candidates); an algorithm's curve is the mean over its arms from where every arm has a
+  reward (a mean over the arms started so far would fall as arms join), with the min–max band;
 * each arm's final best rule (its leaderboard's first: highest rung, then reward) re-evaluated
   under ``final_protocol`` over seeds ``0 … final_seeds_eval − 1`` (memoized in the store), beside
   the ``torch.optim`` baselines :data:`STUDY_BASELINES` under the same protocol and seeds;
@@ -472,7 +473,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """``best_so_far.png``: per algorithm, the mean over its arms of the best reward so far
-    against compute (where at least one arm has a reward), with the min–max band."""
+    against compute (from where every arm has a reward), with the min–max band."""
     import matplotlib
     import numpy as np
 
@@ -492,10 +493,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
             curves.append(np.where(index >= 0, y[np.maximum(index, 0)], np.nan))
         if not curves:
             continue
-        stack = np.ma.masked_invalid(np.array(curves))
-        mean, low, high = (
-            f(stack, axis=0).filled(np.nan) for f in (np.ma.mean, np.ma.min, np.ma.max)
-        )
+        # NaN until every arm has a candidate at the last rung: a mean over the arms started so
+        # far would fall as later, lower arms join, which a best-so-far curve never does
+        stack = np.array(curves)
+        mean, low, high = (f(stack, axis=0) for f in (np.mean, np.min, np.max))
         (line,) = axes.plot(grid, mean, label=f"{algo} ({len(curves)} seeds)")
         axes.fill_between(grid, low, high, color=line.get_color(), alpha=0.2)
     config = result["config"]

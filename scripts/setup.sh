@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create/refresh .venv with torch 2.13.0 (installed first and explicitly: a bare `torch`
-# requirement would pull a multi-GB CUDA build), the project (editable) with its dev, ray and
+# requirement would pull a multi-GB CUDA build), the project (editable) with its dev, ray, triton and
 # integrations extras (Lightning, transformers, Accelerate; scripts/constraints.txt keeps torch at
 # 2.13.0 while they install), and get the offline default dataset (Debian's
 # dataset-fashion-mnist) where this machine allows.
@@ -16,7 +16,7 @@ want=$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     .venv/bin/python -m pip install -q -c scripts/constraints.txt torch
-    .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev,ray,integrations]"
+    .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev,ray,integrations,triton]"
     echo "$want" > "$stamp"
 fi
 

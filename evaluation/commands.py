@@ -179,6 +179,13 @@ def _names(text: str, known: dict | tuple, what: str) -> list[str]:
     return names
 
 
+def check_distinct_seeds(seeds: list[int]) -> None:
+    """``--seeds`` names every seed at most once (a repeated seed would be paid for, or
+    averaged, twice)."""
+    if len(set(seeds)) != len(seeds):
+        raise CommandError(f"--seeds has a seed twice: {seeds}")
+
+
 def _calibrate_command(args: argparse.Namespace) -> None:
     import shlex
 
@@ -197,8 +204,7 @@ def _calibrate_command(args: argparse.Namespace) -> None:
         raise CommandError(f"unknown space {args.space!r} (known: {', '.join(SPACES)})")
     if args.random < 0:
         raise CommandError(f"--random must be ≥ 0, got {args.random}")
-    if len(set(args.seeds)) != len(args.seeds):
-        raise CommandError(f"--seeds has a seed twice: {args.seeds}")
+    check_distinct_seeds(args.seeds)
     try:
         space = get_space(args.space)
         rules = calibrate.reference_rules(presets, space, args.random, args.sample_seed)

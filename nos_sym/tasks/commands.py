@@ -258,9 +258,9 @@ def _check_transfer(args: argparse.Namespace, task: Task, protocol: Protocol) ->
 
     from nos_sym.errors import CommandError
     from nos_sym.evaluation.baselines import BASELINES
+    from nos_sym.evaluation.commands import check_distinct_seeds
 
-    if len(set(args.seeds)) != len(args.seeds):
-        raise CommandError(f"--seeds has a seed twice: {args.seeds}")
+    check_distinct_seeds(args.seeds)
     unknown = [name for name in args.baselines if name not in BASELINES]
     if unknown:
         raise CommandError(f"unknown baseline {unknown[0]!r} (known: {', '.join(BASELINES)})")

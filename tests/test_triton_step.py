@@ -30,7 +30,7 @@ def interpreter(monkeypatch):
     monkeypatch.setattr(triton_step, "BLOCK", 128)
 
 
-def make_params(dtype):
+def make_params(dtype, device="cpu"):
     """Tensors of 300, 7×11, 1, 129 elements, a transposed 15×20 and a non-dense 20×15 slice."""
     generator = torch.Generator().manual_seed(0)
     values = [
@@ -41,7 +41,7 @@ def make_params(dtype):
         torch.randn(20, 15, dtype=dtype, generator=generator).t(),
         torch.randn(20, 30, dtype=dtype, generator=generator)[:, ::2],
     ]
-    return [torch.nn.Parameter(value) for value in values]
+    return [torch.nn.Parameter(value.to(device)) for value in values]
 
 
 def train(params, optimizer, steps, first=0):
@@ -54,7 +54,7 @@ def train(params, optimizer, steps, first=0):
             param.grad = (
                 None
                 if (index, step) == (2, 0)
-                else torch.randn(param.shape, dtype=dtype, generator=generator)
+                else torch.randn(param.shape, dtype=dtype, generator=generator).to(param.device)
             )
         optimizer.step()
     return torch.cat([param.detach().flatten() for param in params])
@@ -63,12 +63,13 @@ def train(params, optimizer, steps, first=0):
 def optimizer(params, rule, **options):
     return SymbolicOptimizer(
         [{"params": params[:3]}, {"params": params[3:], "lr": 0.003}],
-        rule, lr=0.01, total_steps=25, generator=torch.Generator().manual_seed(7), **options,
+        rule, lr=0.01, total_steps=25, **options,
+        generator=torch.Generator(params[0].device).manual_seed(7),
     )  # fmt: skip
 
 
-def run(rule, dtype, steps=3, **options):
-    params = make_params(dtype)
+def run(rule, dtype, steps=3, device="cpu", **options):
+    params = make_params(dtype, device)
     return train(params, optimizer(params, rule, **options), steps)
 
 
@@ -102,6 +103,19 @@ def test_fused_step_equals_the_per_tensor_path(rule, options, dtype):
     expected = run(rule, dtype, foreach=False, **options)
     actual = run(rule, dtype, fused=True, **options)
     rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize(("rule", "options"), list(RULES.values()), ids=list(RULES))
+def test_fused_step_on_cuda_equals_the_per_tensor_path(rule, options, dtype, monkeypatch):
+    """The compiled kernels on a GPU (no interpreter): float32 exp/log are Triton's fast ones,
+    hence the looser tolerance there."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    expected = run(rule, dtype, device="cuda", foreach=False, **options)
+    actual = run(rule, dtype, device="cuda", fused=True, **options)
+    rtol, atol = {torch.float32: (1e-4, 1e-5), torch.float64: (1e-10, 1e-12)}[dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 

@@ -94,6 +94,19 @@ def image_patches(x: Tensor) -> Tensor:
     return patches.flatten(0, 2)
 
 
+def _moments(patches: Tensor) -> Tensor:
+    """``[[E ppᵀ, E p], [E pᵀ, 1]]`` of the patch rows ``[p, 1]``, in float32."""
+    samples = patches.float()
+    return samples.T @ samples / len(samples)
+
+
+def patch_moments(x: Tensor) -> Tensor:
+    """The first batch norm's batch statistics of the images ``x`` before any parameter enters:
+    ``[[E ppᵀ, E p], [E pᵀ, 1]]`` over the patches of :func:`image_patches` (``[C·9+1]²``,
+    float32). :class:`StackedChild` computes exactly this when it is not given."""
+    return _moments(image_patches(x))
+
+
 class StackedChild:
     """``copies`` independent :class:`ChildNet` models trained as one.
 
@@ -137,10 +150,11 @@ class StackedChild:
             for (name, shape), part in zip(self.shapes.items(), parts, strict=True)
         }
 
-    def forward(self, x: Tensor, train: bool) -> Tensor:
-        """Logits ``[K, B, classes]`` of the K models on the shared batch ``x`` ``[B, C, H, W]``."""
+    def forward(self, x: Tensor, train: bool, moments: Tensor | None = None) -> Tensor:
+        """Logits ``[K, B, classes]`` of the K models on the shared batch ``x`` ``[B, C, H, W]``
+        (``moments``: :func:`patch_moments` of ``x``, computed here when not given)."""
         k, w = self.copies, self._weights()
-        h = self._conv_bn1(x, w, train).contiguous(memory_format=self.memory_format)
+        h = self._conv_bn1(x, w, train, moments).contiguous(memory_format=self.memory_format)
         h = F.max_pool2d(h, POOL).relu_()
         h = F.conv2d(h, w["conv2.weight"].flatten(0, 1), padding=KERNEL // 2, groups=k)
         mean, var = self.running[1].flatten(1)
@@ -150,7 +164,9 @@ class StackedChild:
         features = h.unflatten(1, (k, WIDTH)).flatten(2).transpose(0, 1)  # [K, B, F]
         return torch.baddbmm(w["fc.bias"][:, None], features, w["fc.weight"].transpose(1, 2))
 
-    def _conv_bn1(self, x: Tensor, w: dict[str, Tensor], train: bool) -> Tensor:
+    def _conv_bn1(
+        self, x: Tensor, w: dict[str, Tensor], train: bool, moments: Tensor | None
+    ) -> Tensor:
         r"""conv1 then BN1 of all K models as one matmul of the image patches: an exact rewrite.
 
         With patches :math:`p` (``[B·H·W, C·9]``, shared by the models) and filters :math:`W`
@@ -162,7 +178,10 @@ class StackedChild:
         Autograd differentiates through :math:`\mu_y, \sigma_y^2` as BN's backward does. The
         full-resolution activation is written once and read once (the pool), its gradient written
         once and read once (the matmul): no separate BN passes. Statistics in float32, the
-        big matmul in the autocast dtype. Returns ``[B, K·32, H, W]`` in channels-last memory.
+        big matmul in the autocast dtype. The patch moments depend on the batch alone (not on
+        the parameters): the evaluator passes them in, computed once per batch of an epoch for
+        every run that sees it (:func:`patch_moments`, the same numbers). Returns
+        ``[B, K·32, H, W]`` in channels-last memory.
         """
         batch, channels, height, width = x.shape
         patches = image_patches(x)
@@ -170,15 +189,14 @@ class StackedChild:
         running_mean, running_var = self.running[0].flatten(1)
         with torch.autocast(x.device.type, enabled=False):  # statistics in float32
             if train:
-                samples = patches.float()
-                moments = samples.T @ samples / len(samples)  # [[E ppᵀ, E p], [E pᵀ, 1]]
+                moments = _moments(patches) if moments is None else moments
                 mean_p, second_p = moments[:-1, -1], moments[:-1, :-1]
                 covariance = second_p - torch.outer(mean_p, mean_p)
                 mean = filters @ mean_p
                 var = ((filters @ covariance) * filters).sum(dim=1)
                 with torch.no_grad():  # the running variance is unbiased, as in BN
                     running_mean.lerp_(mean, BN_MOMENTUM)
-                    running_var.lerp_(var * len(samples) / (len(samples) - 1), BN_MOMENTUM)
+                    running_var.lerp_(var * len(patches) / (len(patches) - 1), BN_MOMENTUM)
             else:
                 mean, var = running_mean, running_var
             scale = w["bn1.weight"].flatten() * torch.rsqrt(var + BN_EPS)
@@ -187,9 +205,10 @@ class StackedChild:
         y = patches @ folded.T
         return y.view(batch, height, width, -1).permute(0, 3, 1, 2)
 
-    def losses(self, x: Tensor, y: Tensor) -> Tensor:
-        """Per-model mean cross-entropy ``[K]`` on the batch (train mode: updates BN statistics)."""
-        logits = self.forward(x, train=True)
+    def losses(self, x: Tensor, y: Tensor, moments: Tensor | None = None) -> Tensor:
+        """Per-model mean cross-entropy ``[K]`` on the batch (train mode: updates BN statistics;
+        ``moments``: :func:`patch_moments` of ``x``, computed here when not given)."""
+        logits = self.forward(x, train=True, moments=moments)
         per_example = F.cross_entropy(logits.flatten(0, 1), y.repeat(self.copies), reduction="none")
         return per_example.view(self.copies, -1).mean(dim=1)
 

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from nos_sym.dsl import Rule
 from nos_sym.evaluation import datasets
-from nos_sym.evaluation.child import ChildNet, StackedChild, init_child
+from nos_sym.evaluation.child import ChildNet, StackedChild, init_child, patch_moments
 from nos_sym.evaluation.data import Data, prepared, shuffled_epoch
 from nos_sym.evaluation.outcome import STATUSES, EvalResult, Status, best_lr, scored
 from nos_sym.evaluation.protocol import (
@@ -121,9 +121,12 @@ def _train_and_score(
     step = 0
     for epoch in range(epochs):
         xs, ys = shuffled_epoch(data, seed, epoch, examples)
+        moments = epoch_moments(data, seed, epoch, examples, batch)
         for start in range(0, examples - batch + 1, batch):
             with autocast(protocol, xs.device):
-                losses = model.losses(xs[start : start + batch], ys[start : start + batch])
+                losses = model.losses(
+                    xs[start : start + batch], ys[start : start + batch], moments[start // batch]
+                )
             model.params.grad = None
             losses.sum().backward()
             update()
@@ -133,6 +136,19 @@ def _train_and_score(
                 return torch.zeros(model.copies, device=diverged.device), diverged
     _check(model, diverged)
     return _accuracy(model, data, protocol).masked_fill(diverged, 0.0), diverged
+
+
+@functools.lru_cache(maxsize=16)
+def epoch_moments(data: Data, seed: int, epoch: int, examples: int, batch: int) -> Tensor:
+    """:func:`~nos_sym.evaluation.child.patch_moments` of every batch of an epoch
+    (:func:`~nos_sym.evaluation.data.shuffled_epoch`), ``[batches, C·9+1, C·9+1]``: they depend
+    on the batch alone, so every run that sees the epoch — each learning rate of a sweep, the
+    final run's first epoch, every candidate of a search with the same seed — shares one
+    computation (~1.1 ms per batch of 100 on 2 CPU cores, ~10 % of a training step) and the
+    rewards are unchanged. Cached in-process; 48 KB per epoch of 100 batches."""
+    xs, _ = shuffled_epoch(data, seed, epoch, examples)
+    starts = range(0, examples - batch + 1, batch)
+    return torch.stack([patch_moments(xs[start : start + batch]) for start in starts])
 
 
 def _check(model: StackedChild, diverged: Tensor) -> Tensor:

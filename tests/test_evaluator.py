@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from nos_sym.evaluation import datasets, evaluator
 from nos_sym.evaluation.baselines import BASELINES, baseline_table, evaluate_baseline
-from nos_sym.evaluation.child import StackedChild, image_patches, init_child
+from nos_sym.evaluation.child import StackedChild, image_patches, init_child, patch_moments
 from nos_sym.evaluation.evaluator import (
     EvalResult,
     evaluate,
@@ -169,6 +169,38 @@ def test_stacked_child_is_k_independent_child_nets():
         net.eval()
         logits = stacked.forward(x, train=False)[k]
         torch.testing.assert_close(logits, net(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_given_patch_moments_change_nothing(precision):
+    """Losses, gradients and BN statistics are bit-identical whether the model computes the
+    patch moments or is given :func:`patch_moments` of the batch (as the evaluator does)."""
+    generator = torch.Generator().manual_seed(0)
+    shape, classes = (3, 12, 12), 5
+    x = torch.randn(8, *shape, generator=generator)
+    y = torch.randint(0, classes, (8,), generator=generator)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    protocol = dataclasses.replace(get_protocol("quick"), precision=precision)
+    x = x.to(dtype)
+    outcomes = []
+    for moments in (None, patch_moments(x)):
+        stacked = StackedChild(init_child(shape, classes, seed=0), 2)
+        with evaluator.autocast(protocol, x.device):
+            losses = stacked.losses(x, y, moments)
+        losses.sum().backward()
+        outcomes.append((losses.detach(), stacked.params.grad, stacked.running))
+    for computed, given in zip(*outcomes, strict=True):
+        assert torch.equal(computed, given)
+
+
+def test_epoch_moments_are_each_batchs_patch_moments(synthetic):
+    protocol = get_protocol("quick")
+    data = evaluator.prepared(synthetic, protocol, torch.device("cpu"))
+    xs, _ = evaluator.shuffled_epoch(data, 3, 1, 200)
+    moments = evaluator.epoch_moments(data, 3, 1, 200, 50)
+    assert moments.shape[0] == 4
+    for index, start in enumerate(range(0, 200, 50)):
+        assert torch.equal(moments[index], patch_moments(xs[start : start + 50]))
 
 
 def test_stacked_child_reset_restores_the_initialisation():

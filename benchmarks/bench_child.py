@@ -6,7 +6,10 @@ of :class:`~nos_sym.evaluation.child.StackedChild` on a batch of 100 Fashion-MNI
 DSL PowerSign step. For each precision (the protocol's ``bf16`` autocast and ``fp32``, both
 channels-last), ms per step, median over interleaved rounds, of:
 
-- **eager** — the evaluator's step (the reference of the row's ratio);
+- **eager** — the model's step computing its patch moments itself (the evaluator's step before
+  they were shared; the reference of the ratios);
+- **eager, patch moments shared** — the evaluator's step: the batch's patch moments from
+  :func:`~nos_sym.evaluation.evaluator.epoch_moments`, computed once per epoch and process;
 - **compiled** — ``torch.compile(StackedChild.losses)`` as it stands (compiled once; the
   compile's seconds are reported separately), the first try the issue describes;
 - **compiled, patches eager** — the same with ``image_patches`` left out of the graph
@@ -14,7 +17,7 @@ channels-last), ms per step, median over interleaved rounds, of:
 - **7 models stacked, per model** — the seven sweep learning rates as one stacked model of 7
   copies (one shared patch matrix, a grouped second convolution), its step time / 7.
 
-Then the eager step's profile: the operators with the largest share of self CPU time.
+Then the evaluator's step's profile: the operators with the largest share of self CPU time.
 """
 
 from __future__ import annotations
@@ -30,35 +33,43 @@ from torch.profiler import ProfilerActivity, profile
 
 import nos_sym.evaluation.child as child
 from nos_sym.evaluation.data import prepared, shuffled_epoch
-from nos_sym.evaluation.evaluator import _model
+from nos_sym.evaluation.evaluator import _model, epoch_moments
 from nos_sym.evaluation.protocol import autocast, get_protocol
 from nos_sym.presets import resolve
 from nos_sym.symbolic_optim import SymbolicOptimizer
 
 PRECISIONS = ("bf16", "fp32")
 SWEEP_MODELS = 7
+PROFILED = "eager, patch moments shared"
 
 
 class Setup:
     """One way of training: its model, optimizer and loss function, stepping through one
     epoch's batches."""
 
-    def __init__(self, protocol, copies: int, losses: Callable) -> None:
+    def __init__(self, protocol, copies: int, losses: Callable, shared: bool = False) -> None:
         self.protocol = protocol
         self.data = prepared("fashion-mnist", protocol, torch.device("cpu"))
         self.xs, self.ys = shuffled_epoch(self.data, 0, 0, protocol.sweep_examples)
         self.model = _model(self.data, protocol, 0, copies, torch.device("cpu"))
         self.optimizer = SymbolicOptimizer([self.model.params], resolve("powersign"), lr=1e-3)
         self.losses = losses
+        self.moments = (
+            epoch_moments(self.data, 0, 0, protocol.sweep_examples, protocol.batch_size)
+            if shared
+            else None
+        )
         self.batch = 0
 
     def step(self) -> None:
         size = self.protocol.batch_size
-        start = self.batch * size % (len(self.ys) - size + 1)
+        index = self.batch % (len(self.ys) // size)
         self.batch += 1
+        start = index * size
+        moments = None if self.moments is None else self.moments[index]
         with autocast(self.protocol, torch.device("cpu")):
             losses = self.losses(
-                self.model, self.xs[start : start + size], self.ys[start : start + size]
+                self.model, self.xs[start : start + size], self.ys[start : start + size], moments
             )
         self.model.params.grad = None
         losses.sum().backward()
@@ -73,11 +84,11 @@ def compiled(patches_eager: bool) -> Callable:
         return torch.compile(function, dynamic=False)
     eager_patches = torch.compiler.disable(child.image_patches)
 
-    def losses(model, x, y):
+    def losses(model, x, y, moments):
         original = child.image_patches
         child.image_patches = eager_patches
         try:
-            return inner(model, x, y)
+            return inner(model, x, y, moments)
         finally:
             child.image_patches = original
 
@@ -123,6 +134,7 @@ def main() -> None:
         compile_seconds: dict[str, float] = {}
         variants = {
             "eager": (1, child.StackedChild.losses),
+            "eager, patch moments shared": (1, child.StackedChild.losses),
             "compiled": (1, compiled(False)),
             "compiled, patches eager": (1, compiled(True)),
             f"{SWEEP_MODELS} models stacked, per model": (
@@ -131,7 +143,7 @@ def main() -> None:
             ),
         }
         for name, (copies, losses) in variants.items():
-            setup = Setup(protocol, copies, losses)
+            setup = Setup(protocol, copies, losses, shared=name.endswith("shared"))
             start = time.perf_counter()
             setup.step()  # compiles, for the compiled variants
             compile_seconds[name] = time.perf_counter() - start
@@ -145,20 +157,22 @@ def main() -> None:
             )
         profiles += [
             f"| {precision} | `{op}` | {share:.1%} |"
-            for op, share in profile_rows(setups["eager"][0], args.steps, args.top)
+            for op, share in profile_rows(setups[PROFILED][0], args.steps, args.top)
         ]
     body = "\n".join(
         [
             f"One training step of the child (batch 100, Fashion-MNIST, `paper` protocol's"
             f" model, channels-last, DSL PowerSign), {args.threads} threads; median over"
             f" {args.rounds} interleaved rounds of {args.steps} steps. `first step`: seconds of"
-            " the first call (the compile).",
+            " the first call (the compile; less when Inductor's on-disk cache holds the graphs"
+            " from an earlier run).",
             "",
             "| precision | variant | ms / step | vs eager | first step (s) |",
             "| --- | --- | --- | --- | --- |",
             *rows,
             "",
-            f"Eager step, share of self CPU time ({args.steps} steps, torch.profiler):",
+            f"The evaluator's step (eager, patch moments shared), share of self CPU time"
+            f" ({args.steps} steps, torch.profiler):",
             "",
             "| precision | operator | share |",
             "| --- | --- | --- |",

@@ -12,7 +12,8 @@ A run directory holds:
 * ``checkpoint.pt``: controller, optimizer, baseline and RNG states, written atomically after
   every update and loaded with ``torch.load(weights_only=True)``;
 * ``checkpoint.json``: the step of ``checkpoint.pt`` with its size and mtime, written after it
-  (``nos-sym status`` reads it instead of loading torch; absent in older run directories);
+  (``nos-sym status`` reads it instead of loading torch; absent in older run directories, where
+  the step is read from the checkpoint's pickle without torch, see :func:`checkpoint_step`);
 * ``store.sqlite``: the reward store, unless ``--store`` shares one.
 
 Damage: an unterminated last line of ``samples.jsonl`` is an append cut short (a power loss, a
@@ -27,9 +28,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import os
+import pickle
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,11 +377,61 @@ def write_checkpoint_step(run_dir: str | Path, step: int) -> None:
     atomic_write(files.checkpoint_step, lambda path: path.write_text(text))
 
 
+class _Opaque:
+    """Every object of a checkpoint but its top-level dict, ints and strings, as
+    :func:`_pickled_step` reads it: the one class its unpickler constructs or calls, so reading
+    runs no code named by the file (no module is imported, no function of the file called)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def append(self, value: object) -> None:
+        pass
+
+    def extend(self, values: object) -> None:
+        pass
+
+
+class _StepUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> type:
+        return _Opaque
+
+    def persistent_load(self, pid: object) -> _Opaque:
+        return _Opaque()
+
+
+_PICKLE_LIMIT = 64 << 20
+"""Largest ``data.pkl`` :func:`_pickled_step` reads (a controller's is ~100 KB)."""
+
+
+def _pickled_step(path: Path) -> int | None:
+    """The top-level ``step`` of a ``torch.save`` checkpoint read without torch: the zip's
+    ``data.pkl`` with every class and tensor storage replaced by :class:`_Opaque`; None where
+    that fails (then :func:`load_checkpoint` reads it, or says what is wrong)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl"))
+            if info.file_size > _PICKLE_LIMIT:
+                return None
+            state = _StepUnpickler(io.BytesIO(archive.read(info))).load()
+        step = state["step"] if isinstance(state, dict) else None
+    except Exception:  # not a zip, no data.pkl, a damaged pickle, ...: torch decides
+        return None
+    return step if type(step) is int and step >= 0 else None
+
+
 def checkpoint_step(run_dir: str | Path) -> int:
     """The controller step of the run's last checkpoint (0 before the first update): from
     ``checkpoint.json`` when it describes the ``checkpoint.pt`` there (same size and mtime),
-    else from ``checkpoint.pt`` itself (:func:`load_checkpoint`: a run directory written before
-    ``checkpoint.json`` existed, a checkpoint replaced or damaged since)."""
+    else from ``checkpoint.pt`` itself — its pickle read without torch
+    (:func:`_pickled_step`), or :func:`load_checkpoint` where that fails (a run directory
+    written before ``checkpoint.json`` existed, a checkpoint replaced or damaged since)."""
     files = RunFiles(Path(run_dir))
     try:
         stat = files.checkpoint.stat()
@@ -389,6 +443,9 @@ def checkpoint_step(run_dir: str | Path) -> int:
             return int(saved["step"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no usable sidecar: read the checkpoint
+    step = _pickled_step(files.checkpoint) if files.checkpoint.exists() else None
+    if step is not None:
+        return step
     checkpoint = load_checkpoint(run_dir)
     return int(checkpoint["step"]) if checkpoint else 0
 

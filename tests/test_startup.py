@@ -15,6 +15,7 @@ from test_search import InstantBackend, config
 from nos_sym.choices import ALGORITHMS, BACKENDS, DATASETS, SPACES
 from nos_sym.controller.rundir import checkpoint_step, load_checkpoint, status
 from nos_sym.controller.search import SearchRun
+from nos_sym.errors import SearchError
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,67 @@ def test_light_commands_start_without_torch(finished_run, tmp_path, name):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_status_reads_an_old_run_dirs_step_without_torch(finished_run, tmp_path):
+    """A run directory from before ``checkpoint.json``: the step comes from the checkpoint's
+    pickle, read without torch (no class of the file is imported)."""
+    run_dir = tmp_path / "old"
+    run_dir.mkdir()
+    for path in finished_run.iterdir():
+        if path.name != "checkpoint.json":
+            (run_dir / path.name).write_bytes(path.read_bytes())
+    step = load_checkpoint(finished_run)["step"]
+    script = (
+        "import sys; from nos_sym.controller.rundir import checkpoint_step\n"
+        f"assert checkpoint_step({str(run_dir)!r}) == {step}\n"
+        f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"PK\x03\x04 not a zip", b"\x80\x09 a pickle of an unknown protocol"],
+    ids=["empty", "broken-zip", "bad-pickle"],
+)
+def test_a_damaged_checkpoint_without_sidecar_is_still_one_line(finished_run, tmp_path, content):
+    run_dir = tmp_path / "damaged"
+    run_dir.mkdir()
+    for path in finished_run.iterdir():
+        if path.name != "checkpoint.json":
+            (run_dir / path.name).write_bytes(path.read_bytes())
+    (run_dir / "checkpoint.pt").write_bytes(content)
+    with pytest.raises(SearchError, match="cannot be read as a search checkpoint"):
+        checkpoint_step(run_dir)
+
+
+class _Planted:
+    """Unpickles as a call of ``os.system`` (what a hostile checkpoint could hold)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_the_step_reader_runs_no_code_of_the_file(tmp_path):
+    import pickle
+    import zipfile
+
+    from nos_sym.controller.rundir import _pickled_step
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "checkpoint.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"step": 3, "x": _Planted(marker)}))
+    assert _pickled_step(path) == 3
+    assert not marker.exists()
 
 
 def _stale(run_dir: Path) -> None:

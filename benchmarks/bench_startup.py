@@ -8,6 +8,7 @@ reference in the same run is ``python -c pass`` (the interpreter alone) and ``im
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,9 @@ def main() -> None:
     python = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = tiny_run(Path(tmp))
+        old_dir = Path(tmp) / "old"  # as written before checkpoint.json existed
+        shutil.copytree(run_dir, old_dir)
+        (old_dir / "checkpoint.json").unlink()
         commands = {
             "`python -c pass` (reference)": [python, "-c", "pass"],
             "`python -c 'import torch'` (reference)": [python, "-c", "import torch"],
@@ -57,6 +61,7 @@ def main() -> None:
             "`nos-sym tree RULE -o t.dot`": [NOS_SYM, "tree", RULE, "-o", f"{tmp}/t.dot"],
             "`nos-sym top RUN`": [NOS_SYM, "top", str(run_dir)],
             "`nos-sym status RUN`": [NOS_SYM, "status", str(run_dir)],
+            "`nos-sym status OLD_RUN` (no `checkpoint.json`)": [NOS_SYM, "status", str(old_dir)],
             "search worker start-up (import the evaluator and backends)": [
                 python,
                 "-c",

@@ -283,6 +283,11 @@ def check(params: Sequence[torch.Tensor]) -> None:
     tensors (CPU ones under ``TRITON_INTERPRET=1``), a dtype of :data:`DTYPES`."""
     if importlib.util.find_spec("triton") is None:
         raise ImportError(INSTALL_HINT)
+    _check_tensors(params)
+
+
+def _check_tensors(params: Sequence[torch.Tensor]) -> None:
+    """:func:`check` without the look-up of triton (every step: :func:`kernel` imports it)."""
     for param in params:
         if not (param.is_cuda or (param.device.type == "cpu" and interpreted())):
             raise RuntimeError(
@@ -343,7 +348,7 @@ def launch(
     ``averages`` maps m/v/gamma to one tensor per parameter, ``draws[i]`` are parameter i's
     draws in label order, ``per_step`` the step's scalars (bias corrections, decays). A parameter
     or average not laid out densely runs on a dense copy that is written back."""
-    check(params)
+    _check_tensors(params)
     names = tuple(name for name in _AVERAGES if name in averages)
     step = kernel(program, names, params[0].dtype, interpreted())
     layouts = [p if _is_dense(p) else p.contiguous() for p in params]

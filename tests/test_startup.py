@@ -51,14 +51,19 @@ def test_light_commands_start_without_torch(finished_run, tmp_path, name):
     assert done.returncode == 0, done.stderr
 
 
+def _copy_run(source: Path, target: Path, without: str | None = None) -> Path:
+    """A copy of run directory ``source`` at ``target``, file ``without`` left out."""
+    target.mkdir()
+    for path in source.iterdir():
+        if path.name != without:
+            (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
 def test_status_reads_an_old_run_dirs_step_without_torch(finished_run, tmp_path):
     """A run directory from before ``checkpoint.json``: the step comes from the checkpoint's
     pickle, read without torch (no class of the file is imported)."""
-    run_dir = tmp_path / "old"
-    run_dir.mkdir()
-    for path in finished_run.iterdir():
-        if path.name != "checkpoint.json":
-            (run_dir / path.name).write_bytes(path.read_bytes())
+    run_dir = _copy_run(finished_run, tmp_path / "old", without="checkpoint.json")
     step = load_checkpoint(finished_run)["step"]
     script = (
         "import sys; from nos_sym.controller.rundir import checkpoint_step\n"
@@ -76,11 +81,7 @@ def test_status_reads_an_old_run_dirs_step_without_torch(finished_run, tmp_path)
     ids=["empty", "broken-zip", "bad-pickle"],
 )
 def test_a_damaged_checkpoint_without_sidecar_is_still_one_line(finished_run, tmp_path, content):
-    run_dir = tmp_path / "damaged"
-    run_dir.mkdir()
-    for path in finished_run.iterdir():
-        if path.name != "checkpoint.json":
-            (run_dir / path.name).write_bytes(path.read_bytes())
+    run_dir = _copy_run(finished_run, tmp_path / "damaged", without="checkpoint.json")
     (run_dir / "checkpoint.pt").write_bytes(content)
     with pytest.raises(SearchError, match="cannot be read as a search checkpoint"):
         checkpoint_step(run_dir)
@@ -131,10 +132,7 @@ def _stale(run_dir: Path) -> None:
     ids=["sidecar", "no-sidecar", "damaged-sidecar", "stale-sidecar"],
 )
 def test_checkpoint_step_is_the_checkpoints(finished_run, tmp_path, change):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for path in finished_run.iterdir():
-        (run_dir / path.name).write_bytes(path.read_bytes())
+    run_dir = _copy_run(finished_run, tmp_path / "run")
     if change is not _stale and (finished_run / "checkpoint.json").exists():
         # the copy gave checkpoint.pt a new mtime: record it as the run loop would have
         stat = (run_dir / "checkpoint.pt").stat()

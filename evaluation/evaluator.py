@@ -17,10 +17,9 @@ Speed on the CPU comes from: the data resident as one normalised tensor per data
 slices, the first batch norm's patch moments of each batch computed once per process and shared
 by every run that sees the batch (:func:`epoch_moments`), bf16 autocast with channels-last
 activations (protocol fields, part of its hash), no per-step host syncs (divergence is checked
-every :data:`DIVERGENCE_CHECK_EVERY` steps; it is
-sticky, so the result does not depend on that interval), evaluation in large batches under
-``torch.inference_mode``, and one flat parameter tensor per model so the optimizer step is a
-handful of kernels. Nothing is compiled per candidate. Threads: torch's intra-op setting
+every :data:`DIVERGENCE_CHECK_EVERY` steps; it is sticky, so the result does not depend on that
+interval), evaluation in large batches under ``torch.inference_mode``, and one flat parameter
+tensor per model so the optimizer step is a handful of kernels. Nothing is compiled per candidate. Threads: torch's intra-op setting
 (default: every core). Parallel workers must split the cores (``torch.set_num_threads``): two
 2-thread processes on 2 cores spin against each other and run ~10× slower.
 

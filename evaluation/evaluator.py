@@ -19,9 +19,10 @@ by every run that sees the batch (:func:`epoch_moments`), bf16 autocast with cha
 activations (protocol fields, part of its hash), no per-step host syncs (divergence is checked
 every :data:`DIVERGENCE_CHECK_EVERY` steps; it is sticky, so the result does not depend on that
 interval), evaluation in large batches under ``torch.inference_mode``, and one flat parameter
-tensor per model so the optimizer step is a handful of kernels. Nothing is compiled per candidate. Threads: torch's intra-op setting
-(default: every core). Parallel workers must split the cores (``torch.set_num_threads``): two
-2-thread processes on 2 cores spin against each other and run ~10× slower.
+tensor per model so the optimizer step is a handful of kernels. Nothing is compiled per
+candidate. Threads: torch's intra-op setting (default: every core). Parallel workers must split
+the cores (``torch.set_num_threads``): two 2-thread processes on 2 cores spin against each other
+and run ~10× slower.
 
 Every evaluator returns an :class:`~nos_sym.evaluation.outcome.EvalResult` (re-exported here),
 decided in one place (:func:`~nos_sym.evaluation.outcome.scored`): ``ok``; ``diverged`` (every

@@ -20,7 +20,7 @@ channels-last), ms per step, median over interleaved rounds, of:
 Then the evaluator's step's profile: the operators with the largest share of self CPU time.
 
 ``--pooling`` instead times the evaluator's step against the same step with the two 2×2
-max-pools written as a reshape + ``max`` or a reshape + ``amax`` (thread CPU time), counts the
+max-pools written as a reshape + ``max`` or a reshape + ``amax`` (process CPU time), counts the
 pooling windows whose maximum is tied, and compares losses and gradients with ``max_pool2d``'s
 on the first batches; it prints and leaves RESULTS.md alone.
 """
@@ -188,7 +188,7 @@ def tied_windows(setup: Setup, batches: int) -> list[tuple[float, float]]:
 
 
 def pooling(args: argparse.Namespace) -> None:
-    """``--pooling``: the max-pool variants' step time (thread CPU time), tied windows, and
+    """``--pooling``: the max-pool variants' step time (process CPU time), tied windows, and
     the differences of their losses and gradients from ``max_pool2d``'s; printed."""
     batches = 5
     for precision in PRECISIONS:
@@ -218,7 +218,7 @@ def pooling(args: argparse.Namespace) -> None:
         )
         for setup, _ in setups.values():
             setup.step()
-        ms = timed(setups, args.steps, args.rounds, clock=time.thread_time)
+        ms = timed(setups, args.steps, args.rounds, clock=time.process_time)
         reference_ms = ms["eager, patch moments shared"]
         for name in setups:
             print(f"{precision} {name}: {ms[name]:.2f} ms / step, {ms[name] / reference_ms:.2f}×")

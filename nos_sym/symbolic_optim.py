@@ -27,6 +27,7 @@ decays or draws compiles once (a ``fused`` group runs the per-tensor path there,
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -37,8 +38,8 @@ import sympy as sp
 import torch
 from torch.optim.optimizer import Optimizer, _get_scalar_dtype
 
+from nos_sym import cpu_step, triton_step
 from nos_sym import primitives as P
-from nos_sym import triton_step
 from nos_sym.compile import Foreach, Program, bind, optimizer_program, run
 from nos_sym.dsl import Rule
 from nos_sym.presets import resolve
@@ -287,6 +288,8 @@ def _update(
     if compile and not traced:
         step_fn = _compiled_step(plan)
     scalar_tensors: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor, Any]] = {}
+    generated: dict[tuple, list[int]] = {}  # (kernel, t) → the tensors it steps
+    kept_draws: dict[int, list] = {}
     per_step: dict[int, tuple[dict, Any]] = {}  # t → (its scalars, the program bound to them)
     for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
         own = {name: values[index] for name, values in averages.items()}
@@ -318,16 +321,106 @@ def _update(
             step_scalars, step_lr, decay = scalar_tensors[where]
             step_fn(param, grad, own, step_scalars, draws, step_lr, betas, decay)
             continue
+        kernel = None if traced else _cpu_kernel(plan, param, grad, own, draws, lr)
+        if kernel is not None:
+            generated.setdefault((kernel, step), []).append(index)
+            kept_draws[index] = draws
+            continue
         # all of the step on one cache-sized chunk, then on the next (a 1-D lr needs the shape)
         pieces = [param, grad, *own.values(), *draws]
         for piece, piece_grad, *rest in _chunked(
             pieces, not traced and not isinstance(lr, torch.Tensor)
         ):
             piece_averages = dict(zip(own, rest[: len(own)], strict=True))
-            _update_averages(piece_averages, piece_grad, betas, foreach=False)
-            delta = evaluate(_leaf_values(piece_grad, piece, piece_averages), rest[len(own) :])
-            _decay(piece, lr, weight_decay, foreach=False)
-            _apply(piece, delta, lr, foreach=False)
+            _torch_step(evaluate, piece, piece_grad, piece_averages, rest[len(own) :],
+                        lr=lr, betas=betas, weight_decay=weight_decay)  # fmt: skip
+    for (kernel, step), indices in generated.items():
+        cpu_step.launch(
+            kernel, program, [params[i] for i in indices], [grads[i] for i in indices],
+            {name: [values[i] for i in indices] for name, values in averages.items()},
+            [kept_draws[i] for i in indices], per_step[step][0],
+            lr=lr, betas=betas, weight_decay=weight_decay,
+        )  # fmt: skip
+
+
+def _torch_step(evaluate, param, grad, averages: dict, draws, *, lr, betas, weight_decay) -> None:
+    """The per-tensor path's step of one tensor (or chunk) by torch operators: averages, Δ
+    (``evaluate``: the program bound to the step's scalars), decay, update."""
+    _update_averages(averages, grad, betas, foreach=False)
+    delta = evaluate(_leaf_values(grad, param, averages), draws)
+    _decay(param, lr, weight_decay, foreach=False)
+    _apply(param, delta, lr, foreach=False)
+
+
+CPU_KERNEL_NUMEL = 1 << 17
+"""Elements from which a CPU tensor's step runs as the rule's generated C kernel
+(:mod:`nos_sym.cpu_step`; one chunk of float32): below, the torch operators cost little and a
+new rule's compile (a search candidate's small network) would cost more than it saves."""
+
+_CPU_KERNELS: dict[tuple, cpu_step.Kernel | None] = {}
+
+
+def _cpu_kernel(plan: _Plan, param, grad, averages: dict, draws, lr) -> cpu_step.Kernel | None:
+    """The generated kernel for this tensor's step, if it may run it: generated kernels
+    enabled, a float32/float64 CPU tensor of at least :data:`CPU_KERNEL_NUMEL` elements, all
+    its streams contiguous and of its dtype, one learning rate, and a kernel that exists for the
+    rule and agreed with the torch path bit for bit on probe tensors (checked once)."""
+    if (
+        isinstance(lr, torch.Tensor)
+        or param.device.type != "cpu"
+        or param.dtype not in cpu_step.DTYPES
+        or param.numel() < CPU_KERNEL_NUMEL
+        or not cpu_step.enabled()
+    ):
+        return None
+    streams = [param, grad, *averages.values(), *draws]
+    if not all(t.is_contiguous() and t.dtype == param.dtype for t in streams):
+        return None
+    key = (plan.rule.key, plan.eps, param.dtype)
+    if key not in _CPU_KERNELS:
+        kernel = cpu_step.kernel(plan.program, plan.averages, param.dtype)
+        _CPU_KERNELS[key] = kernel if kernel is not None and _agrees(plan, kernel) else None
+    return _CPU_KERNELS[key]
+
+
+def _agrees(plan: _Plan, kernel: cpu_step.Kernel) -> bool:
+    """Whether ``kernel`` and the torch operators give bit-identical parameters and averages
+    (any NaN equal to any NaN) on probe tensors of 2,085 elements (whole vectors and a tail;
+    zeros, infinities and NaNs among them), at steps 1 and 7 of 10, with and without weight
+    decay."""
+    generator = torch.Generator().manual_seed(0)
+
+    def probe(nonnegative: bool = False) -> torch.Tensor:
+        values = torch.randn(2085, dtype=kernel.dtype, generator=generator)
+        values[::97], values[5], values[6], values[7] = 0.0, math.inf, -math.inf, math.nan
+        return values.abs() if nonnegative else values
+
+    for step, weight_decay in ((1, 0.0), (7, 0.1)):
+        param, grad = probe(), probe()
+        averages = {name: probe(name == "v") for name in plan.averages}
+        draws = [draw.sample(param, step, generator) for draw in plan.program.draws]
+        scalars = _scalars(plan.program, step, 10, DEFAULT_BETAS)
+        options = {"lr": 0.01, "betas": DEFAULT_BETAS, "weight_decay": weight_decay}
+        expected = [param.clone(), *(a.clone() for a in averages.values())]
+        own = dict(zip(averages, expected[1:], strict=True))
+        draws_copy = [d.clone() for d in draws]  # the torch path may overwrite its draws
+        _torch_step(bind(plan.program, scalars), expected[0], grad, own, draws_copy, **options)
+        cpu_step.launch(
+            kernel, plan.program, [param], [grad], {k: [v] for k, v in averages.items()},
+            [draws], scalars, **options,
+        )  # fmt: skip
+        if not all(map(_same_bits, [param, *averages.values()], expected)):
+            return False
+    return True
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are NaN at the same places and bit-identical elsewhere."""
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64}[a.dtype]
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(
+        a.view(bits).masked_fill(nan, 0), b.view(bits).masked_fill(nan, 0)
+    )
 
 
 CHUNK_BYTES = 1 << 19

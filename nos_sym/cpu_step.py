@@ -11,29 +11,36 @@ operators do:
     γ \leftarrow β_3 γ + (1-β_3) g^3,\quad
     w \leftarrow \mathrm{fma}(Δ(g, m, v, γ, w, \text{draws}),\ -\mathrm{lr},\ d\cdot w)
 
-(d = 1 − lr·λ), with every operation rounded as torch's CPU kernel of that operator rounds it —
-``lerp`` and ``add(·, alpha=)`` as fused multiply-adds, ``addcmul`` as ``self + value·t1·t2``,
-x², x³, √x, 1/√x, 1/x and 1/x² as torch's ``pow`` special cases, :data:`EXPRESSIONS` — and
-the rest compiled without contraction (``-ffp-contract=off``), so the result is bit-identical
-to the per-tensor path. Exact or nothing:
+(d = 1 − lr·λ), every operation rounded as torch's CPU kernel of that operator rounds it, so
+that the result is bit-identical to the per-tensor path:
 
-- an instruction with no exact C form (``exp``, ``log``, any other power) is compiled only when
-  its argument takes finitely many values (a product of signs, as PowerSign's
-  :math:`e^{\mathrm{sign}(g)\,\mathrm{sign}(m)}`, times per-step scalars): it becomes a look-up of
-  torch's own results for those values (:func:`lookups`, computed every step); otherwise
-  :func:`kernel` returns ``None`` and the torch path runs;
-- :mod:`nos_sym.symbolic_optim` runs each new kernel once against the torch path on probe tensors
-  and keeps it only if every element agrees bit for bit.
+- ``lerp``, ``addcmul`` and ``add(·, alpha=)`` are the fused multiply-adds torch's build makes
+  of them, everything else is compiled without contraction (``-ffp-contract=off``);
+  :data:`EXPRESSIONS` holds the exact C form of each instruction (x², x³, 1/√x, 1/x, 1/x² as
+  torch's ``pow`` special cases);
+- ``exp``, ``log`` and √x are, in torch, MKL's vector math (``vm?Exp``, ``vm?Ln``,
+  ``vm?Sqrt``, not correctly rounded): the kernel calls the same functions, in torch's library,
+  on blocks of :data:`BLOCK` elements (:data:`VML`), between the element loops before and after;
+- an instruction with no exact C form whose argument takes finitely many values (a product of
+  signs, as PowerSign's :math:`e^{\mathrm{sign}(g)\,\mathrm{sign}(m)}`, times per-step scalars)
+  is a look-up of torch's own results for those values instead (:func:`lookups`), cheaper
+  than a call;
+- anything else (another power of a tensor, bfloat16, a Δ that is a scalar): no kernel.
+
+:mod:`nos_sym.symbolic_optim` also runs each new kernel once against the torch path on probe
+tensors and keeps it only if every element agrees bit for bit; else the torch path runs.
 
 Every number — lr, d, the betas, the step's folded scalars (:func:`nos_sym.compile.fold_scalars`)
 and the look-ups — comes from a table of float64 at each call, so one compile serves every step
 and hyper-parameter. The source is built from instruction names and positions alone (no user
-text reaches it), compiled once by the system C compiler (``$CC``, else ``cc``) into a cache
-directory (``$NOS_SYM_CACHE``, else ``$XDG_CACHE_HOME/nos_sym``, else ``~/.cache/nos_sym``; file
-named by the sha256 of the source, the flags and the CPU, written atomically) and loaded with
-ctypes. A call covers a list of tensors; :func:`launch` splits their elements over
-``torch.get_num_threads()`` threads (ctypes releases the GIL). No compiler, a failed compile or
-``NOS_SYM_CPU_KERNELS=0``: no kernel, the torch path.
+text reaches it), compiled once by the system C compiler (``$CC``, else ``cc``; about 0.1 s) into
+a cache directory (``$NOS_SYM_CACHE``, else ``$XDG_CACHE_HOME/nos_sym``, else
+``~/.cache/nos_sym``; each file named by the sha256 of its source, the compiler, the flags and
+the CPU, and written atomically, so concurrent processes may share it) and loaded with ctypes.
+One call covers a list of tensors, its elements split over ``torch.get_num_threads()`` threads
+of torch's own OpenMP team (the kernel links the ``libgomp.so.1`` torch has loaded), MKL held
+to one thread within each. No compiler, a failed compile or ``NOS_SYM_CPU_KERNELS=0``: no
+kernel, the torch path.
 """
 
 from __future__ import annotations
@@ -176,8 +183,7 @@ def looked_up(program: Program, dtype: torch.dtype) -> dict[int, int]:
     return {
         position: counts[instruction.args[0]]
         for position, instruction in enumerate(program.instructions)
-        if instruction.op in EXPRESSIONS
-        and _expression(instruction, ["x"] * len(instruction.args)) is None
+        if _expression(instruction, ["x"] * len(instruction.args)) is None
         and len(instruction.args) == 1
         and instruction.args[0] in counts
         and not _zero_sign_matters(instruction, dtype)
@@ -228,7 +234,9 @@ def lookups(
 
 
 def _expression(instruction, arguments: list[str], scalar: Callable[[], str] = lambda: "s"):
-    return EXPRESSIONS[instruction.op](arguments, instruction.param, scalar)
+    """The exact C form of ``instruction`` (:data:`EXPRESSIONS`), or ``None``."""
+    row = EXPRESSIONS.get(instruction.op)
+    return None if row is None else row(arguments, instruction.param, scalar)
 
 
 @dataclass(frozen=True, eq=False)
@@ -376,10 +384,8 @@ class _Stages:
         if name in self.loaded[stage] or self.home.get(name) == stage:
             return name
         self.loaded[stage].add(name)
-        if name in ("g", "w") or name.startswith("d"):
-            body.append(f"const T {name} = {name}_[i];")
-        elif name in self.averages:
-            body.append(f"const T {name} = {name}_[i];")  # written by stage 0
+        if name in ("g", "w", *self.averages) or name.startswith("d"):  # a stream (draw d<k>)
+            body.append(f"const T {name} = {name}_[i];")  # an average: as stage 0 wrote it
         else:
             if name not in self.arrays:
                 self.arrays.add(name)

@@ -277,3 +277,32 @@ def test_discrete_counts():
     ops = {plan.program.instructions[p].op: n for p, n in counts.items()}
     assert ops == {"sign": 4, "mul": 4, "exp": 4}
     assert cpu_step.discrete(_plan(resolve(ADAM), 1e-8).program) == {}
+
+
+def test_every_instruction_has_a_c_row():
+    """The C table names the same instructions as the Triton one, every one a preset uses."""
+    from nos_sym import triton_step
+    from nos_sym.presets import PRESETS
+
+    assert set(cpu_step.EXPRESSIONS) == set(triton_step.EXPRESSIONS)
+    used = {
+        instruction.op
+        for name in PRESETS
+        for instruction in _plan(resolve(name), 1e-8).program.instructions
+    }
+    assert used - {"leaf", "const", "draw"} <= set(cpu_step.EXPRESSIONS)
+
+
+@needs_compiler
+@needs_mkl
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_every_preset_has_a_kernel(dtype):
+    from nos_sym.presets import PRESETS
+
+    missing = []
+    for name in PRESETS:
+        plan = _plan(resolve(name), 1e-8)
+        kernel = cpu_step.kernel(plan.program, plan.averages, dtype)
+        if kernel is None or not symbolic_optim._agrees(plan, kernel):
+            missing.append(name)
+    assert missing == []

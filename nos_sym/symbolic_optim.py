@@ -269,8 +269,8 @@ def _update(
     """:func:`symbolic_update` on the tensors of initialised states: ``steps`` (0-d counts) and
     ``averages`` (name → one running average per parameter), parallel to ``params``."""
     program = plan.program
-    for step in steps:
-        step.add_(1)
+    if steps:
+        torch._foreach_add_(list(steps), 1)  # 0-d CPU counts (as torch.optim.Adam's)
     traced = torch.compiler.is_compiling()  # inside torch.compile(opt.step): already compiled
     if fused and not traced:
         _fused_update(
@@ -288,6 +288,7 @@ def _update(
     if compile and not traced:
         step_fn = _compiled_step(plan)
     scalar_tensors: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor, Any]] = {}
+    kernels = not (traced or compile or isinstance(lr, torch.Tensor)) and cpu_step.enabled()
     generated: dict[tuple, list[int]] = {}  # (kernel, t) → the tensors it steps
     kept_draws: dict[int, list] = {}
     per_step: dict[int, tuple[dict, Any]] = {}  # t → (its scalars, the program bound to them)
@@ -321,7 +322,7 @@ def _update(
             step_scalars, step_lr, decay = scalar_tensors[where]
             step_fn(param, grad, own, step_scalars, draws, step_lr, betas, decay)
             continue
-        kernel = None if traced else _cpu_kernel(plan, param, grad, own, draws, lr)
+        kernel = _cpu_kernel(plan, param, grad, own, draws) if kernels else None
         if kernel is not None:
             generated.setdefault((kernel, step), []).append(index)
             kept_draws[index] = draws
@@ -360,17 +361,16 @@ new rule's compile (a search candidate's small network) would cost more than it 
 _CPU_KERNELS: dict[tuple, cpu_step.Kernel | None] = {}
 
 
-def _cpu_kernel(plan: _Plan, param, grad, averages: dict, draws, lr) -> cpu_step.Kernel | None:
-    """The generated kernel for this tensor's step, if it may run it: generated kernels
-    enabled, a float32/float64 CPU tensor of at least :data:`CPU_KERNEL_NUMEL` elements, all
-    its streams contiguous and of its dtype, one learning rate, and a kernel that exists for the
-    rule and agreed with the torch path bit for bit on probe tensors (checked once)."""
+def _cpu_kernel(plan: _Plan, param, grad, averages: dict, draws) -> cpu_step.Kernel | None:
+    """The generated kernel for this tensor's step, if it may run it (the caller has checked
+    that kernels are enabled and the learning rate is a number): a float32/float64 CPU tensor
+    of at least :data:`CPU_KERNEL_NUMEL` elements, all its streams contiguous and of its dtype,
+    and a kernel that exists for the rule and agreed with the torch path bit for bit on probe
+    tensors (checked once)."""
     if (
-        isinstance(lr, torch.Tensor)
-        or param.device.type != "cpu"
+        param.numel() < CPU_KERNEL_NUMEL
         or param.dtype not in cpu_step.DTYPES
-        or param.numel() < CPU_KERNEL_NUMEL
-        or not cpu_step.enabled()
+        or param.device.type != "cpu"
     ):
         return None
     streams = [param, grad, *averages.values(), *draws]

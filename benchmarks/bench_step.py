@@ -57,6 +57,20 @@ class Copy:
             target.copy_(source)
 
 
+class Sqrt:
+    """A reference for rules with √: ``torch.sqrt`` of every parameter into a preallocated
+    tensor (on the CPU, MKL's vector math: what the DSL Adam kernel must call to stay
+    bit-identical)."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.sources = [p.detach().abs() for p in params]
+        self.targets = [torch.empty_like(p) for p in self.sources]
+
+    def step(self) -> None:
+        for target, source in zip(self.targets, self.sources, strict=True):
+            torch.sqrt(source, out=target)
+
+
 class TorchOperators:
     """An optimizer whose per-tensor steps run torch operators (no generated kernel), in
     cache-sized chunks or (``chunked=False``) on whole tensors."""
@@ -90,6 +104,7 @@ def candidates(device: str) -> dict[str, callable]:
         "nos_sym.PowerSign": lambda p: PowerSign(p),
     }
     if not cuda:
+        table["sqrt of the parameters (torch.sqrt)"] = Sqrt
         for name, rule in (("Adam", ADAM), ("PowerSign", POWERSIGN)):
             for chunked in (True, False):
                 table[f"DSL {name} (torch operators, {'' if chunked else 'un'}chunked)"] = (

@@ -420,6 +420,18 @@ def fold_scalars(program: Program, values: dict[str, object]) -> dict[int, float
     return folded
 
 
+def table_scalars(
+    program: Program, folded: dict[int, float], sources: Sequence[tuple[str, int]]
+) -> list[float]:
+    """The scalars a generated kernel reads from its table (:mod:`nos_sym.triton_step`,
+    :mod:`nos_sym.cpu_step`): for ``("folded", i)`` value i of :func:`fold_scalars`
+    (``folded``), for ``("param", i)`` instruction i's param (a clip bound, an exponent)."""
+    return [
+        folded[index] if source == "folded" else float(program.instructions[index].param)
+        for source, index in sources
+    ]
+
+
 def _scalar_op(op: str, inputs: list[float], param) -> float:
     if op == "pow":
         return _scalar_pow(inputs[0], param)

@@ -60,7 +60,7 @@ from pathlib import Path
 
 import torch
 
-from nos_sym.compile import Program, SingleTensor, fold_scalars
+from nos_sym.compile import Program, SingleTensor, fold_scalars, table_scalars
 
 DTYPES = {torch.float32: ("float", "f"), torch.float64: ("double", "")}
 """Parameter dtype → its C type and the suffix of its ``math.h`` functions."""
@@ -258,10 +258,7 @@ class Kernel:
         """The step's table after :data:`_STEP_SCALARS`: the scalars, then every look-up's keys
         and results."""
         folded = fold_scalars(program, per_step)
-        values = [
-            folded[index] if source == "folded" else float(program.instructions[index].param)
-            for source, index in self.scalars
-        ]
+        values = table_scalars(program, folded, self.scalars)
         discrete_scalars = tuple(folded[arg] for arg in _discrete_scalars(program))
         for keys, results in _lookups(program, discrete_scalars, self.dtype):
             values += keys + results

@@ -57,7 +57,7 @@ from functools import cache, lru_cache
 
 import torch
 
-from nos_sym.compile import Program, fold_scalars
+from nos_sym.compile import Program, fold_scalars, table_scalars
 
 BLOCK = 1024
 """Elements per Triton program (one block of one tensor)."""
@@ -152,11 +152,7 @@ class Kernel:
     scalars: tuple[tuple[str, int], ...]
 
     def scalar_values(self, program: Program, per_step: dict[str, float]) -> list[float]:
-        folded = fold_scalars(program, per_step)
-        return [
-            folded[index] if source == "folded" else float(program.instructions[index].param)
-            for source, index in self.scalars
-        ]
+        return table_scalars(program, fold_scalars(program, per_step), self.scalars)
 
 
 def _source(program: Program, averages: tuple[str, ...], dtype: torch.dtype) -> tuple[str, tuple]:

@@ -19,10 +19,12 @@ averages Δ reads kept in state. Every hyper-parameter, the rule included, is pe
 whole step, averages to update, one cache-sized chunk of a tensor after the other), on lists of
 tensors with ``torch._foreach_*`` (``foreach=True``), fused by ``torch.compile``
 (``compile=True``, cached per rule key), or as one generated Triton kernel per group of tensors
-(``fused=True``, :mod:`nos_sym.triton_step`); they agree to round-off. The whole ``step()`` may
-also be compiled (``torch.compile(opt.step)``): t is then read as a tensor, so a rule without
-decays or draws compiles once (a ``fused`` group runs the per-tensor path there, which
-``torch.compile`` fuses itself).
+(``fused=True`` on CUDA, :mod:`nos_sym.triton_step`); they agree to round-off. On the CPU the
+per-tensor path runs large tensors (all of them under ``fused=True``) through the rule's
+generated C kernel (:mod:`nos_sym.cpu_step`), bit-identical to its torch operators. The whole
+``step()`` may also be compiled (``torch.compile(opt.step)``): t is then read as a tensor, so a
+rule without decays or draws compiles once (a ``fused`` group runs the per-tensor path there,
+which ``torch.compile`` fuses itself).
 """
 
 from __future__ import annotations
@@ -272,12 +274,19 @@ def _update(
     if steps:
         torch._foreach_add_(list(steps), 1)  # 0-d CPU counts (as torch.optim.Adam's)
     traced = torch.compiler.is_compiling()  # inside torch.compile(opt.step): already compiled
+    minimum = CPU_KERNEL_NUMEL
     if fused and not traced:
-        _fused_update(
-            plan, params, grads, steps, averages, lr, total_steps, generator, betas,
-            weight_decay, maximize,
-        )  # fmt: skip
-        return
+        lr = _one_lr(lr)
+        on_cpu = [_c_kernel_device(param) for param in params]
+        if not all(on_cpu):
+            _fused_update(
+                plan, *_subset([not c for c in on_cpu], params, grads, steps, averages), lr,
+                total_steps, generator, betas, weight_decay, maximize,
+            )  # fmt: skip
+        if not any(on_cpu):
+            return
+        params, grads, steps, averages = _subset(on_cpu, params, grads, steps, averages)
+        minimum = 1  # every tensor the kernel can take, whatever NOS_SYM_CPU_KERNELS says
     if maximize:
         grads = [-grad for grad in grads]
     if foreach and not compile and not traced and not isinstance(lr, torch.Tensor):
@@ -288,7 +297,9 @@ def _update(
     if compile and not traced:
         step_fn = _compiled_step(plan)
     scalar_tensors: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor, Any]] = {}
-    kernels = not (traced or compile or isinstance(lr, torch.Tensor)) and cpu_step.enabled()
+    kernels = not (traced or compile or isinstance(lr, torch.Tensor)) and (
+        minimum == 1 or cpu_step.enabled()
+    )
     generated: dict[tuple, list[int]] = {}  # (kernel, t) → the tensors it steps
     kept_draws: dict[int, list] = {}
     per_step: dict[int, tuple[dict, Any]] = {}  # t → (its scalars, the program bound to them)
@@ -322,7 +333,7 @@ def _update(
             step_scalars, step_lr, decay = scalar_tensors[where]
             step_fn(param, grad, own, step_scalars, draws, step_lr, betas, decay)
             continue
-        kernel = _cpu_kernel(plan, param, grad, own, draws) if kernels else None
+        kernel = _cpu_kernel(plan, param, grad, own, draws, minimum) if kernels else None
         if kernel is not None:
             generated.setdefault((kernel, step), []).append(index)
             kept_draws[index] = draws
@@ -361,17 +372,15 @@ new rule's compile (a search candidate's small network) would cost more than it 
 _CPU_KERNELS: dict[tuple, cpu_step.Kernel | None] = {}
 
 
-def _cpu_kernel(plan: _Plan, param, grad, averages: dict, draws) -> cpu_step.Kernel | None:
+def _cpu_kernel(
+    plan: _Plan, param, grad, averages: dict, draws, minimum: int = CPU_KERNEL_NUMEL
+) -> cpu_step.Kernel | None:
     """The generated kernel for this tensor's step, if it may run it (the caller has checked
     that kernels are enabled and the learning rate is a number): a float32/float64 CPU tensor
-    of at least :data:`CPU_KERNEL_NUMEL` elements, all its streams contiguous and of its dtype,
-    and a kernel that exists for the rule and agreed with the torch path bit for bit on probe
-    tensors (checked once)."""
-    if (
-        param.numel() < CPU_KERNEL_NUMEL
-        or param.dtype not in cpu_step.DTYPES
-        or param.device.type != "cpu"
-    ):
+    of at least ``minimum`` elements, all its streams contiguous and of its dtype, and a kernel
+    that exists for the rule and agreed with the torch path bit for bit on probe tensors
+    (checked once)."""
+    if param.numel() < minimum or param.dtype not in cpu_step.DTYPES or param.device.type != "cpu":
         return None
     streams = [param, grad, *averages.values(), *draws]
     if not all(t.is_contiguous() and t.dtype == param.dtype for t in streams):
@@ -463,12 +472,8 @@ def _fused_update(
     plan: _Plan, params, grads, steps, averages, lr, total_steps, generator, betas, weight_decay,
     maximize,
 ) -> None:  # fmt: skip
-    """``fused=True``: one Triton launch per group of tensors of one (device, dtype, step)
-    (:mod:`nos_sym.triton_step`)."""
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError("fused=True takes one learning rate, not a tensor of several")
-        lr = lr.item()
+    """``fused=True`` on CUDA (and CPU tensors under Triton's interpreter): one Triton launch
+    per group of tensors of one (device, dtype, step) (:mod:`nos_sym.triton_step`)."""
     draws, groups = _step_groups(plan.program, params, steps, generator)
     for (_, _, count), indices in groups.items():
         triton_step.launch(
@@ -480,6 +485,53 @@ def _fused_update(
             _scalars(plan.program, count, total_steps, betas),
             lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
         )  # fmt: skip
+
+
+def _one_lr(lr) -> float:
+    """``fused=True``'s learning rate: a number (a one-element tensor read once per step)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError("fused=True takes one learning rate, not a tensor of several")
+        return lr.item()
+    return lr
+
+
+def _c_kernel_device(param: torch.Tensor) -> bool:
+    """Whether ``fused=True`` runs ``param`` in the generated C kernel (a CPU tensor, unless
+    Triton's interpreter is on: then the Triton kernel, for its tests)."""
+    return param.device.type == "cpu" and not triton_step.interpreted()
+
+
+def _subset(keep: Sequence[bool], params, grads, steps, averages: dict) -> tuple:
+    """(params, grads, steps, averages) of the tensors ``keep`` marks."""
+
+    def chosen(values):
+        return [value for value, kept in zip(values, keep, strict=True) if kept]
+
+    return (
+        chosen(params), chosen(grads), chosen(steps),
+        {name: chosen(values) for name, values in averages.items()},
+    )  # fmt: skip
+
+
+def _check_fused(plan: _Plan, params: Sequence[torch.Tensor]) -> None:
+    """Raise a one-line error unless ``fused=True`` can run ``params``: the CPU ones in the
+    rule's generated C kernel (float32/float64, a kernel that exists here and agrees with the
+    torch operators), the others in its Triton kernel (:func:`nos_sym.triton_step.check`)."""
+    on_cpu = [param for param in params if _c_kernel_device(param)]
+    for dtype in dict.fromkeys(param.dtype for param in on_cpu):
+        if dtype not in cpu_step.DTYPES:
+            raise RuntimeError(f"fused=True on the CPU supports float32/float64, not {dtype}")
+        probe = torch.zeros(1, dtype=dtype)
+        if _cpu_kernel(plan, probe, probe, {}, [], minimum=1) is None:
+            raise RuntimeError(
+                f"fused=True on the CPU: no C kernel for {plan.rule.dsl!r} here (it needs a C "
+                "compiler, and torch's MKL for exp, log and sqrt); fused=False gives the same "
+                "results"
+            )
+    others = [param for param in params if not _c_kernel_device(param)]
+    if others:
+        triton_step.check(others)
 
 
 def _foreach_update(
@@ -538,10 +590,12 @@ class SymbolicOptimizer(Optimizer):
             :data:`CHUNK_BYTES`, so its temporaries stay in cache).
         compile: fuse each tensor's step with ``torch.compile`` (kernels cached per rule key;
             compiling costs seconds, so this is for long runs, not for search candidates).
-        fused: run each step as one generated Triton kernel per group of tensors
-            (:mod:`nos_sym.triton_step`; ``torch.optim.Adam(fused=True)``'s keyword): CUDA
-            tensors, or CPU ones under Triton's interpreter (``TRITON_INTERPRET=1``); needs the
-            ``triton`` extra. ``None``/``False``: the other paths.
+        fused: run each step as one generated kernel per rule (``torch.optim.Adam(fused=True)``'s
+            keyword): on CUDA one Triton kernel per group of tensors (:mod:`nos_sym.triton_step`,
+            needs the ``triton`` extra; CPU tensors run it too under ``TRITON_INTERPRET=1``), on
+            the CPU the rule's C kernel for every contiguous float32/float64 tensor, whatever
+            its size (:mod:`nos_sym.cpu_step`; bit-identical to the default path, which uses it
+            for large tensors anyway). ``None``/``False``: the other paths.
         generator: the ``torch.Generator`` of the random primitives (default: torch's global
             RNG, reproducible under ``torch.manual_seed``; under DDP give every rank the same
             seed).
@@ -603,7 +657,7 @@ class SymbolicOptimizer(Optimizer):
         super().add_param_group(group)
         if group["fused"]:
             try:
-                triton_step.check(group["params"])
+                _check_fused(self._group_plan(group), group["params"])
             except (ImportError, RuntimeError):
                 self.param_groups.pop()  # the optimizer stays as it was
                 raise

@@ -45,10 +45,9 @@ def train(rule, dtype, kernels: bool, monkeypatch, steps=4, sizes=None, **option
     on or off); gradients with zeros, infinities and NaNs among them."""
     monkeypatch.setenv("NOS_SYM_CPU_KERNELS", "1" if kernels else "0")
     params = make_params(dtype, *([sizes] if sizes else []))
-    optimizer = SymbolicOptimizer(
-        params, rule, lr=0.01, total_steps=10, generator=torch.Generator().manual_seed(5),
-        **options,
-    )  # fmt: skip
+    options = {"lr": 0.01, "total_steps": 10, **options}
+    generator = torch.Generator().manual_seed(5)
+    optimizer = SymbolicOptimizer(params, rule, generator=generator, **options)
     for step in range(steps):
         generator = torch.Generator().manual_seed(100 + step)
         for param in params:
@@ -306,3 +305,74 @@ def test_every_preset_has_a_kernel(dtype):
         if kernel is None or not symbolic_optim._agrees(plan, kernel):
             missing.append(name)
     assert missing == []
+
+
+# ---------------------------------------------------------------------------------------------
+# fused=True on the CPU: the C kernel for every tensor it can take
+# ---------------------------------------------------------------------------------------------
+FUSED = {
+    # rule, options of both runs, options of the fused run only
+    "PowerSign": (POWERSIGN, {}, {}),
+    "Adam, weight decay, maximize": (ADAM, {"weight_decay": 0.1, "maximize": True}, {}),
+    "drops and noise, a 1-element tensor lr (read as a number)": (
+        "g g drop_0.1 drop_0.3 sub ; o1 noise id id add",
+        {},
+        {"lr": torch.tensor(0.01, dtype=torch.float64)},
+    ),
+}
+
+
+@needs_compiler
+@needs_mkl
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(("rule", "options", "fused"), FUSED.values(), ids=FUSED.keys())
+def test_fused_on_the_cpu_is_the_default_path_bit_for_bit(rule, options, fused, dtype, monkeypatch):
+    """Every tensor, the 1-element and the 129-element ones too, runs in the kernel; the
+    reference is the default path on torch operators (NOS_SYM_CPU_KERNELS=0, which fused=True
+    does not heed)."""
+    monkeypatch.setattr(symbolic_optim, "CPU_KERNEL_NUMEL", 1 << 40)  # default path: torch
+    expected = train(rule, dtype, False, monkeypatch, **options)
+    actual = train(rule, dtype, False, monkeypatch, fused=True, **{**options, **fused})
+    assert_same_bits(actual, expected)
+    assert [k for k in symbolic_optim._CPU_KERNELS.values() if k is not None]
+
+
+@needs_compiler
+def test_fused_on_the_cpu_takes_a_transposed_parameter_on_the_torch_operators(monkeypatch):
+    def step(**options) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        param = torch.nn.Parameter(torch.randn(60, 100, generator=generator).t())
+        optimizer = SymbolicOptimizer([param], POWERSIGN, **options)
+        param.grad = torch.randn(param.shape, generator=generator)
+        optimizer.step()
+        return param.detach()
+
+    assert torch.equal(step(fused=True), step())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "message"),
+    [
+        (torch.bfloat16, "fused=True on the CPU supports float32/float64, not torch.bfloat16"),
+        (torch.float16, "not torch.float16"),
+    ],
+)
+def test_fused_on_the_cpu_refuses_half_precision(dtype, message):
+    params = make_params(torch.float32)
+    optimizer = SymbolicOptimizer(params[:1], POWERSIGN)
+    half = [torch.nn.Parameter(torch.zeros(3, dtype=dtype))]
+    with pytest.raises(RuntimeError, match=message):
+        optimizer.add_param_group({"params": half, "fused": True})
+    assert len(optimizer.param_groups) == 1  # the optimizer stays as it was
+
+
+def test_fused_on_the_cpu_without_a_compiler_says_so(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    for cached in (cpu_step._compiler, cpu_step._library, cpu_step.kernel):
+        cached.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="no C kernel for .* here .* fused=False"):
+            SymbolicOptimizer(make_params(torch.float32), POWERSIGN, fused=True)
+    finally:
+        for cached in (cpu_step._compiler, cpu_step._library, cpu_step.kernel):
+            cached.cache_clear()

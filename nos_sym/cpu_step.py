@@ -57,10 +57,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from nos_sym.compile import Program, SingleTensor, fold_scalars, table_scalars
+
+if TYPE_CHECKING:  # symbolic_optim imports this module
+    from nos_sym.symbolic_optim import GroupStep
 
 DTYPES = {torch.float32: ("float", "f"), torch.float64: ("double", "")}
 """Parameter dtype → its C type and the suffix of its ``math.h`` functions."""
@@ -626,31 +630,18 @@ def _torch_symbol(name: str) -> int | None:
 _SUFFIX = {"Darwin": ".dylib", "Windows": ".dll"}.get(platform.system(), ".so")
 
 
-def launch(
-    step: Kernel,
-    program: Program,
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    averages: dict[str, Sequence[torch.Tensor]],
-    draws: Sequence[Sequence[torch.Tensor]],
-    per_step: dict[str, float],
-    *,
-    lr: float,
-    betas: Sequence[float],
-    weight_decay: float,
-) -> None:
-    """One step of ``program`` on contiguous CPU tensors of ``step.dtype`` with one step count:
-    ``averages`` maps m/v/gamma to one tensor per parameter, ``draws[i]`` are parameter i's
-    draws in label order, ``per_step`` the step's scalars; the elements are split over
+def launch(step: Kernel, program: Program, group: GroupStep) -> None:
+    """One step of ``program`` on ``group``: contiguous CPU tensors of ``step.dtype`` with one
+    step count (g already negated under ``maximize``), their elements split over
     ``torch.get_num_threads()`` threads."""
-    n = len(params)
-    rows = [params, grads, *(averages[name] for name in step.averages)]
-    rows += [[d[k] for d in draws] for k in range(step.draws)]
+    n = len(group.params)
+    rows = [group.params, group.grads, *(group.averages[name] for name in step.averages)]
+    rows += [[d[k] for d in group.draws] for k in range(step.draws)]
     streams = (ctypes.c_void_p * (len(rows) * n))(*(t.data_ptr() for row in rows for t in row))
-    numels = [p.numel() for p in params]
-    beta1, beta2, beta3 = betas
-    values = [-lr, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, beta3, 1 - beta3]
-    values += step.table(program, per_step)
+    numels = [p.numel() for p in group.params]
+    (beta1, beta2, beta3), lr = group.betas, group.lr
+    values = [-lr, 1 - lr * group.weight_decay, 1 - beta1, beta2, 1 - beta2, beta3, 1 - beta3]
+    values += step.table(program, group.per_step)
     table = (ctypes.c_double * len(values))(*values)
     counts = (ctypes.c_int64 * n)(*numels)
     total = sum(numels)

@@ -107,6 +107,37 @@ class _Plan:
     exact_steps: bool
 
 
+@dataclass(frozen=True)
+class GroupStep:
+    """One step of tensors of one device, dtype and step count, as a generated kernel takes it
+    (:func:`nos_sym.cpu_step.launch`, :func:`nos_sym.triton_step.launch`): ``averages`` maps
+    m/v/gamma to one tensor per parameter, ``draws[i]`` are parameter i's draws in label order,
+    ``per_step`` the step's scalars (bias corrections, decays), ``maximize`` whether the
+    kernel negates g (the per-tensor path's kernels get g negated already)."""
+
+    params: Sequence[torch.Tensor]
+    grads: Sequence[torch.Tensor]
+    averages: dict[str, Sequence[torch.Tensor]]
+    draws: Sequence[Sequence[torch.Tensor]]
+    per_step: dict[str, float]
+    lr: float
+    betas: Sequence[float]
+    weight_decay: float
+    maximize: bool = False
+
+    @classmethod
+    def of(
+        cls, indices: Sequence[int], params, grads, averages: dict, draws, **options
+    ) -> GroupStep:
+        """The step of tensors ``indices`` of the parallel lists ``params``, ``grads``,
+        ``averages`` (name → list) and ``draws`` (per parameter, or a dict by index)."""
+        return cls(
+            [params[i] for i in indices], [grads[i] for i in indices],
+            {name: [values[i] for i in indices] for name, values in averages.items()},
+            [draws[i] for i in indices], **options,
+        )  # fmt: skip
+
+
 @lru_cache(maxsize=1024)
 def _plan(rule: Rule, eps: float) -> _Plan:
     """The plan of ``rule`` with ε = ``eps`` (Δ's ε symbol replaced by the number otherwise)."""
@@ -347,12 +378,11 @@ def _update(
             _torch_step(evaluate, piece, piece_grad, piece_averages, rest[len(own) :],
                         lr=lr, betas=betas, weight_decay=weight_decay)  # fmt: skip
     for (kernel, step), indices in generated.items():
-        cpu_step.launch(
-            kernel, program, [params[i] for i in indices], [grads[i] for i in indices],
-            {name: [values[i] for i in indices] for name, values in averages.items()},
-            [kept_draws[i] for i in indices], per_step[step][0],
-            lr=lr, betas=betas, weight_decay=weight_decay,
-        )  # fmt: skip
+        options = {"lr": lr, "betas": betas, "weight_decay": weight_decay}
+        group = GroupStep.of(
+            indices, params, grads, averages, kept_draws, per_step=per_step[step][0], **options
+        )
+        cpu_step.launch(kernel, program, group)
 
 
 def _torch_step(evaluate, param, grad, averages: dict, draws, *, lr, betas, weight_decay) -> None:
@@ -414,10 +444,9 @@ def _agrees(plan: _Plan, kernel: cpu_step.Kernel) -> bool:
         own = dict(zip(averages, expected[1:], strict=True))
         draws_copy = [d.clone() for d in draws]  # the torch path may overwrite its draws
         _torch_step(bind(plan.program, scalars), expected[0], grad, own, draws_copy, **options)
-        cpu_step.launch(
-            kernel, plan.program, [param], [grad], {k: [v] for k, v in averages.items()},
-            [draws], scalars, **options,
-        )  # fmt: skip
+        group = GroupStep.of([0], [param], [grad], {k: [v] for k, v in averages.items()},
+                             [draws], per_step=scalars, **options)  # fmt: skip
+        cpu_step.launch(kernel, plan.program, group)
         if not all(map(_same_bits, [param, *averages.values()], expected)):
             return False
     return True
@@ -476,15 +505,10 @@ def _fused_update(
     per group of tensors of one (device, dtype, step) (:mod:`nos_sym.triton_step`)."""
     draws, groups = _step_groups(plan.program, params, steps, generator)
     for (_, _, count), indices in groups.items():
-        triton_step.launch(
-            plan.program,
-            [params[i] for i in indices],
-            [grads[i] for i in indices],
-            {name: [values[i] for i in indices] for name, values in averages.items()},
-            [draws[i] for i in indices],
-            _scalars(plan.program, count, total_steps, betas),
-            lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
-        )  # fmt: skip
+        per_step = _scalars(plan.program, count, total_steps, betas)
+        options = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize}
+        group = GroupStep.of(indices, params, grads, averages, draws, per_step=per_step, **options)
+        triton_step.launch(plan.program, group)
 
 
 def _one_lr(lr) -> float:
@@ -504,14 +528,12 @@ def _c_kernel_device(param: torch.Tensor) -> bool:
 
 def _subset(keep: Sequence[bool], params, grads, steps, averages: dict) -> tuple:
     """(params, grads, steps, averages) of the tensors ``keep`` marks."""
+    indices = [i for i, kept in enumerate(keep) if kept]
 
-    def chosen(values):
-        return [value for value, kept in zip(values, keep, strict=True) if kept]
+    def pick(values: Sequence) -> list:
+        return [values[i] for i in indices]
 
-    return (
-        chosen(params), chosen(grads), chosen(steps),
-        {name: chosen(values) for name, values in averages.items()},
-    )  # fmt: skip
+    return pick(params), pick(grads), pick(steps), {k: pick(v) for k, v in averages.items()}
 
 
 def _check_fused(plan: _Plan, params: Sequence[torch.Tensor]) -> None:

@@ -54,10 +54,14 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from nos_sym.compile import Program, fold_scalars, table_scalars
+
+if TYPE_CHECKING:  # symbolic_optim imports this module
+    from nos_sym.symbolic_optim import GroupStep
 
 BLOCK = 1024
 """Elements per Triton program (one block of one tensor)."""
@@ -327,23 +331,12 @@ def _dense(tensor: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(layout).copy_(tensor)
 
 
-def launch(
-    program: Program,
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    averages: dict[str, Sequence[torch.Tensor]],
-    draws: Sequence[Sequence[torch.Tensor]],
-    per_step: dict[str, float],
-    *,
-    lr: float,
-    betas: Sequence[float],
-    weight_decay: float,
-    maximize: bool,
-) -> None:
-    """One step of ``program`` on tensors of one device, dtype and step count, in one launch:
-    ``averages`` maps m/v/gamma to one tensor per parameter, ``draws[i]`` are parameter i's
-    draws in label order, ``per_step`` the step's scalars (bias corrections, decays). A parameter
-    or average not laid out densely runs on a dense copy that is written back."""
+def launch(program: Program, group: GroupStep) -> None:
+    """One step of ``program`` on ``group`` (tensors of one device, dtype and step count), in
+    one launch. A parameter or average not laid out densely runs on a dense copy that is written
+    back."""
+    params, grads, averages, draws = group.params, group.grads, group.averages, group.draws
+    lr, betas, weight_decay, maximize = group.lr, group.betas, group.weight_decay, group.maximize
     _check_tensors(params)
     names = tuple(name for name in _AVERAGES if name in averages)
     step = kernel(program, names, params[0].dtype, interpreted())
@@ -357,7 +350,7 @@ def launch(
     ]
     beta1, beta2, beta3 = betas
     scalars = [-lr, 1 - lr * weight_decay, -1.0 if maximize else 1.0, 1 - beta1, beta1]
-    scalars += [beta2, 1 - beta2, beta3, 1 - beta3, *step.scalar_values(program, per_step)]
+    scalars += [beta2, 1 - beta2, beta3, 1 - beta3, *step.scalar_values(program, group.per_step)]
     streams = [written[0], read[0], *written[1:], *read[1:]]
     numels = tuple(p.numel() for p in params)
     table = [*numels, *(t.data_ptr() for stream in streams for t in stream)]

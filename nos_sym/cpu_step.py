@@ -557,30 +557,45 @@ def _machine() -> str:
     return platform.machine() + flags
 
 
+def cache_path(source: str) -> Path:
+    """Where the library of ``source`` is kept: named by the sha256 of the source, the compiler
+    (path and version), the flags and the CPU."""
+    key = "\0".join([source, *(_compiler() or ()), *FLAGS, _machine()])
+    return cache_dir() / f"step_{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
+
+
+def _compile(source: str, compiler: str, path: Path) -> None:
+    """Compile ``source`` into the shared library ``path``: built in a private directory next
+    to it and renamed into place (atomic: a concurrent process sees all of it or nothing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        c_file, so_file = Path(scratch) / "step.c", Path(scratch) / "step.so"
+        c_file.write_text(source)
+        subprocess.run(
+            [compiler, *FLAGS, "-o", str(so_file), str(c_file), "-lm"],
+            capture_output=True, timeout=120, check=True,
+        )  # fmt: skip
+        os.replace(so_file, path)
+
+
 @cache
 def _library(source: str):
     """``source`` compiled (or found in :func:`cache_dir`) and loaded; ``None`` if that fails."""
     compiler = _compiler()
     if compiler is None:
         return None
-    key = "\0".join([source, *compiler, *FLAGS, _machine()])
-    directory = cache_dir()
-    path = directory / f"step_{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
+    path = cache_path(source)
     try:
         if not path.exists():
-            directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=directory) as scratch:
-                c_file, so_file = Path(scratch) / "step.c", Path(scratch) / "step.so"
-                c_file.write_text(source)
-                subprocess.run(
-                    [compiler[0], *FLAGS, "-o", str(so_file), str(c_file), "-lm"],
-                    capture_output=True, timeout=120, check=True,
-                )  # fmt: skip
-                os.replace(so_file, path)  # atomic: a concurrent process sees all or nothing
-        library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError):
+            _compile(source, compiler[0], path)
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError:  # a damaged file in the cache: compiled anew, once
+            _compile(source, compiler[0], path)
+            library = ctypes.CDLL(str(path))
+        function = library.step
+    except (OSError, AttributeError, subprocess.SubprocessError):
         return None
-    function = library.step
     function.argtypes = [
         ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p),
         ctypes.POINTER(ctypes.c_double), ctypes.c_int64, ctypes.c_int64,

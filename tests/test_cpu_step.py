@@ -376,3 +376,20 @@ def test_fused_on_the_cpu_without_a_compiler_says_so(monkeypatch):
     finally:
         for cached in (cpu_step._compiler, cpu_step._library, cpu_step.kernel):
             cached.cache_clear()
+
+
+@needs_compiler
+def test_a_damaged_cache_file_is_compiled_anew(monkeypatch, tmp_path):
+    monkeypatch.setenv("NOS_SYM_CACHE", str(tmp_path))
+    plan = _plan(resolve("addsign"), 1e-8)
+    source = cpu_step._source(plan.program, plan.averages, torch.float32)[0]
+    path = cpu_step.cache_path(source)
+    path.write_bytes(b"not a shared library")
+    for cached in (cpu_step._library, cpu_step.kernel):
+        cached.cache_clear()
+    try:
+        assert cpu_step.kernel(plan.program, plan.averages, torch.float32) is not None
+    finally:
+        for cached in (cpu_step._library, cpu_step.kernel):
+            cached.cache_clear()
+    assert path.read_bytes()[:4] == b"\x7fELF"

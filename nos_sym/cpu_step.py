@@ -72,7 +72,6 @@ DTYPES = {torch.float32: ("float", "f"), torch.float64: ("double", "")}
 LEAVES = {"g": "g", "w": "w", "m_raw": "m", "v_raw": "v", "gamma_raw": "gamma"}
 """Tensor leaves of an optimizer program → the kernel's variable (other leaves are scalars)."""
 
-AVERAGES = ("m", "v", "gamma")
 _STEP_SCALARS = ("neg_lr", "decay", "w1", "b2", "c2", "b3", "c3")
 """The table's first scalars: −lr, 1 − lr·λ, the lerp weight 1 − β1, β2, 1 − β2, β3, 1 − β3."""
 

@@ -128,11 +128,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="steps per measurement")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved measurements")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on the CPU")
+    parser.add_argument(
+        "--size", type=int, help="parameters per tensor (default: 250k on CPU, 1M on CUDA)"
+    )
     args = parser.parse_args()
     cuda = args.device == "cuda"
     if not cuda:
         torch.set_num_threads(args.threads)
-    tensors, size = (100, 1_000_000) if cuda else (20, 250_000)
+    tensors, default = (100, 1_000_000) if cuda else (20, 250_000)
+    size = args.size or default
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     params = make_params(tensors, size, args.device)
     optimizers = {name: make(params) for name, make in candidates(args.device).items()}
@@ -181,7 +185,7 @@ def main() -> None:
             f"{min(v for k, v in times.items() if k.startswith('DSL Adam')) / fused:.2f}×",
         ]
     write_section(
-        f"bench_step ({args.device})",
+        f"bench_step ({args.device}{'' if size == default else f', {size:,} per tensor'})",
         f"""
 {tensors} tensors × {size:,} fp32 parameters{"" if cuda else f", {args.threads} threads"}; median
 over {args.rounds} interleaved rounds of {args.repeats} steps; the copy (`copy_` of every

@@ -1,14 +1,21 @@
 """Test-suite wide settings (never touch the network, keep torch on the 2 CI cores) and the
 fixtures several test files share."""
 
+import atexit
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("NOS_OFFLINE", "1")
+# generated CPU kernels compile into this run's own directory, not the user's ~/.cache/nos_sym
+if "NOS_SYM_CACHE" not in os.environ:
+    os.environ["NOS_SYM_CACHE"] = tempfile.mkdtemp(prefix="nos_sym_kernels_")
+    atexit.register(shutil.rmtree, os.environ["NOS_SYM_CACHE"], True)
 
 
 # (step, DSL, outcome, status, reward): three controller steps of a small run, with a rule met

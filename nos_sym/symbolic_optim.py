@@ -130,12 +130,20 @@ class GroupStep:
         cls, indices: Sequence[int], params, grads, averages: dict, draws, **options
     ) -> GroupStep:
         """The step of tensors ``indices`` of the parallel lists ``params``, ``grads``,
-        ``averages`` (name → list) and ``draws`` (per parameter, or a dict by index)."""
-        return cls(
-            [params[i] for i in indices], [grads[i] for i in indices],
-            {name: [values[i] for i in indices] for name, values in averages.items()},
-            [draws[i] for i in indices], **options,
-        )  # fmt: skip
+        ``averages`` (name → list) and ``draws`` (per parameter)."""
+        params, grads, averages, draws = _pick(indices, params, grads, averages, draws)
+        return cls(params, grads, averages, draws, **options)
+
+
+def _pick(indices: Sequence[int], *lists: Sequence | dict) -> tuple:
+    """The entries ``indices`` of each of the parallel ``lists``; a dict of such lists (the
+    averages by name) gives the dict of their entries."""
+    return tuple(
+        {key: [values[i] for i in indices] for key, values in each.items()}
+        if isinstance(each, dict)
+        else [each[i] for i in indices]
+        for each in lists
+    )
 
 
 @lru_cache(maxsize=1024)
@@ -305,19 +313,22 @@ def _update(
     if steps:
         torch._foreach_add_(list(steps), 1)  # 0-d CPU counts (as torch.optim.Adam's)
     traced = torch.compiler.is_compiling()  # inside torch.compile(opt.step): already compiled
-    minimum = CPU_KERNEL_NUMEL
+    forced = False  # fused=True on the CPU: the kernel for tensors of any size
     if fused and not traced:
         lr = _one_lr(lr)
-        on_cpu = [_c_kernel_device(param) for param in params]
-        if not all(on_cpu):
+        on_cpu: list[int] = []
+        others: list[int] = []
+        for index, param in enumerate(params):
+            (on_cpu if _c_kernel_device(param) else others).append(index)
+        if others:
             _fused_update(
-                plan, *_subset([not c for c in on_cpu], params, grads, steps, averages), lr,
-                total_steps, generator, betas, weight_decay, maximize,
+                plan, *_pick(others, params, grads, steps, averages), lr, total_steps, generator,
+                betas, weight_decay, maximize,
             )  # fmt: skip
-        if not any(on_cpu):
+        if not on_cpu:
             return
-        params, grads, steps, averages = _subset(on_cpu, params, grads, steps, averages)
-        minimum = 1  # every tensor the kernel can take, whatever NOS_SYM_CPU_KERNELS says
+        params, grads, steps, averages = _pick(on_cpu, params, grads, steps, averages)
+        forced = True  # every tensor the kernel can take, whatever NOS_SYM_CPU_KERNELS says
     if maximize:
         grads = [-grad for grad in grads]
     if foreach and not compile and not traced and not isinstance(lr, torch.Tensor):
@@ -329,10 +340,11 @@ def _update(
         step_fn = _compiled_step(plan)
     scalar_tensors: dict[tuple, tuple[dict[str, torch.Tensor], torch.Tensor, Any]] = {}
     kernels = not (traced or compile or isinstance(lr, torch.Tensor)) and (
-        minimum == 1 or cpu_step.enabled()
+        forced or cpu_step.enabled()
     )
+    minimum = 1 if forced else CPU_KERNEL_NUMEL
     generated: dict[tuple, list[int]] = {}  # (kernel, t) → the tensors it steps
-    kept_draws: dict[int, list] = {}
+    kept_draws: list = [None] * len(params)  # the draws of the tensors a kernel steps
     per_step: dict[int, tuple[dict, Any]] = {}  # t → (its scalars, the program bound to them)
     for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
         own = {name: values[index] for name, values in averages.items()}
@@ -403,21 +415,26 @@ _CPU_KERNELS: dict[tuple, cpu_step.Kernel | None] = {}
 
 
 def _cpu_kernel(
-    plan: _Plan, param, grad, averages: dict, draws, minimum: int = CPU_KERNEL_NUMEL
+    plan: _Plan, param, grad, averages: dict, draws, minimum: int
 ) -> cpu_step.Kernel | None:
     """The generated kernel for this tensor's step, if it may run it (the caller has checked
     that kernels are enabled and the learning rate is a number): a float32/float64 CPU tensor
-    of at least ``minimum`` elements, all its streams contiguous and of its dtype, and a kernel
-    that exists for the rule and agreed with the torch path bit for bit on probe tensors
-    (checked once)."""
+    of at least ``minimum`` elements, all its streams contiguous and of its dtype, and the
+    rule's :func:`_verified_kernel`."""
     if param.numel() < minimum or param.dtype not in cpu_step.DTYPES or param.device.type != "cpu":
         return None
     streams = [param, grad, *averages.values(), *draws]
     if not all(t.is_contiguous() and t.dtype == param.dtype for t in streams):
         return None
-    key = (plan.rule.key, plan.eps, param.dtype)
+    return _verified_kernel(plan, param.dtype)
+
+
+def _verified_kernel(plan: _Plan, dtype: torch.dtype) -> cpu_step.Kernel | None:
+    """The rule's generated kernel for ``dtype`` if it exists here and agreed with the torch
+    path bit for bit on probe tensors (checked once per rule, ε and dtype), else ``None``."""
+    key = (plan.rule.key, plan.eps, dtype)
     if key not in _CPU_KERNELS:
-        kernel = cpu_step.kernel(plan.program, plan.averages, param.dtype)
+        kernel = cpu_step.kernel(plan.program, plan.averages, dtype)
         _CPU_KERNELS[key] = kernel if kernel is not None and _agrees(plan, kernel) else None
     return _CPU_KERNELS[key]
 
@@ -526,16 +543,6 @@ def _c_kernel_device(param: torch.Tensor) -> bool:
     return param.device.type == "cpu" and not triton_step.interpreted()
 
 
-def _subset(keep: Sequence[bool], params, grads, steps, averages: dict) -> tuple:
-    """(params, grads, steps, averages) of the tensors ``keep`` marks."""
-    indices = [i for i, kept in enumerate(keep) if kept]
-
-    def pick(values: Sequence) -> list:
-        return [values[i] for i in indices]
-
-    return pick(params), pick(grads), pick(steps), {k: pick(v) for k, v in averages.items()}
-
-
 def _check_fused(plan: _Plan, params: Sequence[torch.Tensor]) -> None:
     """Raise a one-line error unless ``fused=True`` can run ``params``: the CPU ones in the
     rule's generated C kernel (float32/float64, a kernel that exists here and agrees with the
@@ -544,8 +551,7 @@ def _check_fused(plan: _Plan, params: Sequence[torch.Tensor]) -> None:
     for dtype in dict.fromkeys(param.dtype for param in on_cpu):
         if dtype not in cpu_step.DTYPES:
             raise RuntimeError(f"fused=True on the CPU supports float32/float64, not {dtype}")
-        probe = torch.zeros(1, dtype=dtype)
-        if _cpu_kernel(plan, probe, probe, {}, [], minimum=1) is None:
+        if _verified_kernel(plan, dtype) is None:
             raise RuntimeError(
                 f"fused=True on the CPU: no C kernel for {plan.rule.dsl!r} here (it needs a C "
                 "compiler, and torch's MKL for exp, log and sqrt); fused=False gives the same "
@@ -563,9 +569,7 @@ def _foreach_update(
     program = plan.program
     draws, groups = _step_groups(program, params, steps, generator)
     for (_, _, count), indices in groups.items():
-        group_params = [params[i] for i in indices]
-        group_grads = [grads[i] for i in indices]
-        group_averages = {name: [values[i] for i in indices] for name, values in averages.items()}
+        group_params, group_grads, group_averages = _pick(indices, params, grads, averages)
         _update_averages(group_averages, group_grads, betas, foreach=True)
         values = {
             **_leaf_values(group_grads, group_params, group_averages),

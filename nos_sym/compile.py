@@ -164,6 +164,11 @@ class _Lowering:
 TENSOR_SYMBOLS = frozenset({P.G, P.M, P.V, P.GAMMA, P.W} | {raw for raw, _ in RAW_AVERAGE.values()})
 """Leaves that are tensors in the optimizer; the other symbols are per-step scalars."""
 
+KERNEL_LEAVES = {"g": "g", "w": "w", "m_raw": "m", "v_raw": "v", "gamma_raw": "gamma"}
+"""Tensor leaves of an optimizer program → their variable in a generated kernel
+(:mod:`nos_sym.triton_step`, :mod:`nos_sym.cpu_step`); every other leaf is a per-step scalar
+read from the kernel's table."""
+
 
 def _split(args: Sequence[sp.Expr]) -> tuple[list[sp.Expr], list[sp.Expr]]:
     """(tensor-valued, scalar-valued) arguments, so scalars are combined before touching a

@@ -61,16 +61,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nos_sym.compile import Program, SingleTensor, fold_scalars, table_scalars
+from nos_sym.compile import KERNEL_LEAVES, Program, SingleTensor, fold_scalars, table_scalars
 
 if TYPE_CHECKING:  # symbolic_optim imports this module
     from nos_sym.symbolic_optim import GroupStep
 
 DTYPES = {torch.float32: ("float", "f"), torch.float64: ("double", "")}
 """Parameter dtype → its C type and the suffix of its ``math.h`` functions."""
-
-LEAVES = {"g": "g", "w": "w", "m_raw": "m", "v_raw": "v", "gamma_raw": "gamma"}
-"""Tensor leaves of an optimizer program → the kernel's variable (other leaves are scalars)."""
 
 _STEP_SCALARS = ("neg_lr", "decay", "w1", "b2", "c2", "b3", "c3")
 """The table's first scalars: −lr, 1 − lr·λ, the lerp weight 1 − β1, β2, 1 − β2, β3, 1 − β3."""
@@ -118,8 +115,8 @@ def tensor_positions(program: Program) -> set[int]:
     """Instructions whose value is a tensor (they read a tensor leaf or a draw)."""
     tensors: set[int] = set()
     for position, instruction in enumerate(program.instructions):
-        op, args = instruction.op, instruction.args
-        if (op == "leaf" and instruction.param in LEAVES) or op == "draw" or set(args) & tensors:
+        leaf = instruction.op == "leaf" and instruction.param in KERNEL_LEAVES
+        if leaf or instruction.op == "draw" or set(instruction.args) & tensors:
             tensors.add(position)
     return tensors
 
@@ -446,8 +443,8 @@ def _source(program: Program, averages: tuple[str, ...], dtype: torch.dtype):
         stages.define(name, _UPDATES[name])
     for position, instruction in enumerate(program.instructions):
         op, args = instruction.op, instruction.args
-        if op == "leaf" and instruction.param in LEAVES:
-            names[position] = LEAVES[instruction.param]
+        if op == "leaf" and instruction.param in KERNEL_LEAVES:
+            names[position] = KERNEL_LEAVES[instruction.param]
             continue
         if op == "draw":
             names[position] = f"d{instruction.param}"

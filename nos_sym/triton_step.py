@@ -37,7 +37,8 @@ Source and compilation: ``triton.jit`` reads a kernel's source from its file (``
 the generated text is written to a file of a private temporary directory (named by its sha256)
 and imported. The text is built from the program's instruction names and positions alone
 (identifiers ``v<i>``, the fixed expressions below and table offsets); no user text, no number
-and no symbol name from a rule reaches it (a leaf outside :data:`LEAVES` is a table scalar).
+and no symbol name from a rule reaches it (a leaf outside
+:data:`~nos_sym.compile.KERNEL_LEAVES` is a table scalar).
 Kernels are cached per (program, dtype, interpreter or not); ``triton`` is imported at the first
 kernel, so ``import nos_sym`` never needs it.
 """
@@ -58,7 +59,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nos_sym.compile import Program, fold_scalars, table_scalars
+from nos_sym.compile import KERNEL_LEAVES, Program, fold_scalars, table_scalars
 
 if TYPE_CHECKING:  # symbolic_optim imports this module
     from nos_sym.symbolic_optim import GroupStep
@@ -73,10 +74,6 @@ DTYPES = {
     torch.float64: ("tl.float64", "tl.float64"),
 }
 """Parameter dtype → (its Triton type, the compute type)."""
-
-LEAVES = {"g": "g", "w": "w", "m_raw": "m", "v_raw": "v", "gamma_raw": "gamma"}
-"""Tensor leaves of an optimizer program → the kernel's variable (every other leaf is a per-step
-scalar read from the table)."""
 
 _AVERAGES = ("m", "v", "gamma")
 _STEP_SCALARS = ("neg_lr", "decay", "sign", "w1", "one_minus_w1", "b2", "c2", "b3", "c3")
@@ -174,8 +171,8 @@ def _source(program: Program, averages: tuple[str, ...], dtype: torch.dtype) -> 
     body = []
     for position, instruction in enumerate(program.instructions):
         op, args = instruction.op, instruction.args
-        if op == "leaf" and instruction.param in LEAVES:
-            names[position], tensor[position] = LEAVES[instruction.param], True
+        if op == "leaf" and instruction.param in KERNEL_LEAVES:
+            names[position], tensor[position] = KERNEL_LEAVES[instruction.param], True
         elif op == "draw":
             names[position], tensor[position] = f"d{instruction.param}", True
         elif op in ("leaf", "const") or not any(tensor[arg] for arg in args):

@@ -21,6 +21,7 @@ import os
 import statistics
 import tempfile
 import time
+from unittest import mock
 
 import torch
 from _results import median_seconds, write_section
@@ -80,16 +81,11 @@ class TorchOperators:
         self.chunk_bytes = symbolic_optim.CHUNK_BYTES if chunked else 1 << 62
 
     def step(self) -> None:
-        saved = symbolic_optim.CHUNK_BYTES, os.environ.get("NOS_SYM_CPU_KERNELS")
-        symbolic_optim.CHUNK_BYTES, os.environ["NOS_SYM_CPU_KERNELS"] = self.chunk_bytes, "0"
-        try:
+        with (
+            mock.patch.object(symbolic_optim, "CHUNK_BYTES", self.chunk_bytes),
+            mock.patch.dict(os.environ, {"NOS_SYM_CPU_KERNELS": "0"}),
+        ):
             self.optimizer.step()
-        finally:
-            symbolic_optim.CHUNK_BYTES = saved[0]
-            if saved[1] is None:
-                del os.environ["NOS_SYM_CPU_KERNELS"]
-            else:
-                os.environ["NOS_SYM_CPU_KERNELS"] = saved[1]
 
 
 def candidates(device: str) -> dict[str, callable]:
@@ -141,15 +137,18 @@ def main() -> None:
     params = make_params(tensors, size, args.device)
     optimizers = {name: make(params) for name, make in candidates(args.device).items()}
     first_steps = []
-    if not cuda:  # each rule's kernel compiled and checked anew, timed
-        os.environ["NOS_SYM_CACHE"] = tempfile.mkdtemp(prefix="bench_step_kernels_")
-        for name in ("DSL PowerSign (default path)", "DSL Adam (default path)"):
-            start = time.perf_counter()
-            optimizers[name].step()
-            first_steps.append(
-                f"- {name}: first step {time.perf_counter() - start:.2f} s (compiles and checks "
-                "the rule's C kernel; later processes load it from the cache)"
-            )
+    if not cuda:  # each rule's kernel compiled and checked anew (in an empty cache), timed
+        with (
+            tempfile.TemporaryDirectory(prefix="bench_step_kernels_") as cache,
+            mock.patch.dict(os.environ, {"NOS_SYM_CACHE": cache}),
+        ):
+            for name in ("DSL PowerSign (default path)", "DSL Adam (default path)"):
+                start = time.perf_counter()
+                optimizers[name].step()
+                first_steps.append(
+                    f"- {name}: first step {time.perf_counter() - start:.2f} s (compiles and "
+                    "checks the rule's C kernel; later processes load it from the cache)"
+                )
     samples: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(args.rounds):  # interleaved, so that load on the machine hits all alike
         for name, optimizer in optimizers.items():

@@ -32,6 +32,20 @@ def fresh(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(symbolic_optim, "_CPU_KERNELS", {})
 
 
+def clear_caches() -> None:
+    """Forget the compiler, the loaded libraries and the kernels, as a new process would."""
+    for cached in (cpu_step._compiler, cpu_step._library, cpu_step.kernel):
+        cached.cache_clear()
+
+
+@pytest.fixture
+def uncached():
+    """The test looks the compiler, libraries and kernels up anew, and leaves none of its own."""
+    clear_caches()
+    yield
+    clear_caches()
+
+
 def make_params(dtype, sizes=(3000, 4099, 1, 129, 2048 + 37)):
     """Tensors above and below the kernel's threshold, whole vectors and tails, one 2-D."""
     generator = torch.Generator().manual_seed(0)
@@ -154,19 +168,15 @@ def test_torch_path_where_the_kernel_cannot_run(layout, options, monkeypatch):
 
 
 @needs_compiler
-def test_a_kernel_that_disagrees_is_not_used(monkeypatch):
+def test_a_kernel_that_disagrees_is_not_used(monkeypatch, uncached):
     """A kernel whose m is a plain lerp (no fused multiply-add) differs from torch's in the last
     bit somewhere: the check at first use rejects it and the step runs on torch operators."""
     monkeypatch.setitem(
         cpu_step._UPDATES, "m", ["const T m = m_[i] + w1 * (g - m_[i]);", "m_[i] = m;"]
     )
-    cpu_step.kernel.cache_clear()
-    try:
-        expected = train(POWERSIGN, torch.float64, False, monkeypatch)
-        actual = train(POWERSIGN, torch.float64, True, monkeypatch)
-        assert list(symbolic_optim._CPU_KERNELS.values()) == [None]
-    finally:
-        cpu_step.kernel.cache_clear()
+    expected = train(POWERSIGN, torch.float64, False, monkeypatch)
+    actual = train(POWERSIGN, torch.float64, True, monkeypatch)
+    assert list(symbolic_optim._CPU_KERNELS.values()) == [None]
     assert_same_bits(actual, expected)
 
 
@@ -182,59 +192,43 @@ def test_kernels_can_be_turned_off(setting, monkeypatch):
     assert symbolic_optim._CPU_KERNELS == {}
 
 
-def test_no_compiler_means_no_kernel_and_the_same_results(monkeypatch):
+def test_no_compiler_means_no_kernel_and_the_same_results(monkeypatch, uncached):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    cpu_step._compiler.cache_clear()
-    cpu_step._library.cache_clear()
-    cpu_step.kernel.cache_clear()
-    try:
-        plan = _plan(resolve(POWERSIGN), 1e-8)
-        assert cpu_step.kernel(plan.program, plan.averages, torch.float32) is None
-        expected = train(POWERSIGN, torch.float32, False, monkeypatch)
-        actual = train(POWERSIGN, torch.float32, True, monkeypatch)
-    finally:
-        for cached in (cpu_step._compiler, cpu_step._library, cpu_step.kernel):
-            cached.cache_clear()
+    plan = _plan(resolve(POWERSIGN), 1e-8)
+    assert cpu_step.kernel(plan.program, plan.averages, torch.float32) is None
+    expected = train(POWERSIGN, torch.float32, False, monkeypatch)
+    actual = train(POWERSIGN, torch.float32, True, monkeypatch)
     assert_same_bits(actual, expected)
 
 
 @needs_compiler
-def test_compiled_kernels_are_kept_and_reused(monkeypatch, tmp_path):
+def test_compiled_kernels_are_kept_and_reused(monkeypatch, tmp_path, uncached):
     """The first kernel compiles into the cache directory; a new process (caches cleared)
     loads the file without compiling."""
     monkeypatch.setenv("NOS_SYM_CACHE", str(tmp_path / "cache"))
     plan = _plan(resolve("addsign"), 1e-8)
-    for cached in (cpu_step._library, cpu_step.kernel):
-        cached.cache_clear()
-    try:
-        assert cpu_step.kernel(plan.program, plan.averages, torch.float64) is not None
-        files = sorted(path.name for path in (tmp_path / "cache").iterdir())
-        assert len(files) == 1 and files[0].startswith("step_") and files[0].endswith(".so")
-        for cached in (cpu_step._library, cpu_step.kernel):
-            cached.cache_clear()
+    assert cpu_step.kernel(plan.program, plan.averages, torch.float64) is not None
+    files = sorted(path.name for path in (tmp_path / "cache").iterdir())
+    assert len(files) == 1 and files[0].startswith("step_") and files[0].endswith(".so")
+    clear_caches()
+    cpu_step._compiler()  # `cc --version` runs once per process; only the compile is refused
 
-        def no_compiler(*args, **kwargs):
-            raise AssertionError("compiled again")
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
 
-        monkeypatch.setattr(subprocess, "run", no_compiler)
-        assert cpu_step.kernel(plan.program, plan.averages, torch.float64) is not None
-    finally:
-        for cached in (cpu_step._library, cpu_step.kernel):
-            cached.cache_clear()
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert cpu_step.kernel(plan.program, plan.averages, torch.float64) is not None
 
 
-def test_a_failed_compile_means_no_kernel(monkeypatch, tmp_path):
+def test_a_failed_compile_means_no_kernel(monkeypatch, tmp_path, uncached):
     monkeypatch.setenv("NOS_SYM_CACHE", str(tmp_path))
+    cpu_step._compiler()  # found before the compiler's runs fail
 
     def failing(*args, **kwargs):
         raise subprocess.CalledProcessError(1, args[0])
 
     monkeypatch.setattr(subprocess, "run", failing)
-    cpu_step._library.cache_clear()
-    try:
-        assert cpu_step._library("void step(void) {}\n/* unique */") is None
-    finally:
-        cpu_step._library.cache_clear()
+    assert cpu_step._library("void step(void) {}\n/* unique */") is None
     assert not list(tmp_path.glob("step_*.so"))
 
 
@@ -366,30 +360,18 @@ def test_fused_on_the_cpu_refuses_half_precision(dtype, message):
     assert len(optimizer.param_groups) == 1  # the optimizer stays as it was
 
 
-def test_fused_on_the_cpu_without_a_compiler_says_so(monkeypatch):
+def test_fused_on_the_cpu_without_a_compiler_says_so(monkeypatch, uncached):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    for cached in (cpu_step._compiler, cpu_step._library, cpu_step.kernel):
-        cached.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="no C kernel for .* here .* fused=False"):
-            SymbolicOptimizer(make_params(torch.float32), POWERSIGN, fused=True)
-    finally:
-        for cached in (cpu_step._compiler, cpu_step._library, cpu_step.kernel):
-            cached.cache_clear()
+    with pytest.raises(RuntimeError, match="no C kernel for .* here .* fused=False"):
+        SymbolicOptimizer(make_params(torch.float32), POWERSIGN, fused=True)
 
 
 @needs_compiler
-def test_a_damaged_cache_file_is_compiled_anew(monkeypatch, tmp_path):
+def test_a_damaged_cache_file_is_compiled_anew(monkeypatch, tmp_path, uncached):
     monkeypatch.setenv("NOS_SYM_CACHE", str(tmp_path))
     plan = _plan(resolve("addsign"), 1e-8)
     source = cpu_step._source(plan.program, plan.averages, torch.float32)[0]
     path = cpu_step.cache_path(source)
     path.write_bytes(b"not a shared library")
-    for cached in (cpu_step._library, cpu_step.kernel):
-        cached.cache_clear()
-    try:
-        assert cpu_step.kernel(plan.program, plan.averages, torch.float32) is not None
-    finally:
-        for cached in (cpu_step._library, cpu_step.kernel):
-            cached.cache_clear()
+    assert cpu_step.kernel(plan.program, plan.averages, torch.float32) is not None
     assert path.read_bytes()[:4] == b"\x7fELF"
